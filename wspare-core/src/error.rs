@@ -301,6 +301,6 @@ mod tests {
         assert_eq!(f.kind, ErrorKind::Timeout);
         assert!(f.retryable);
         assert_eq!(f.message, "fencing node-a: no answer");
-        assert_eq!(Error::invalid("x").retryable(true).is_retryable(), true);
+        assert!(Error::invalid("x").retryable(true).is_retryable());
     }
 }

@@ -7,11 +7,13 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the pieces fit.
 
+pub mod detector;
 pub mod error;
 pub mod fencer;
 pub mod generation;
 pub mod hypervisor;
 pub mod ids;
+pub mod machine;
 pub mod receipt;
 pub mod replicator;
 pub mod runner;

@@ -1,0 +1,223 @@
+//! Driver crashes: restoring from a snapshot at every step of a failover,
+//! and the returned old primary.
+
+use super::*;
+
+/// Restarts `h`'s machine from its snapshot (through JSON, as the journal
+/// keeps it) on a new timeline.
+fn crash(h: &mut H) {
+    let json = serde_json::to_string(&h.m.snapshot()).unwrap();
+    let snap: Snapshot = serde_json::from_str(&json).unwrap();
+    assert_eq!(snap, h.m.snapshot());
+    let cfg = h.m.config().clone();
+    h.t = Instant::from_origin(Duration::from_secs(5));
+    h.m = Machine::restore(cfg, snap, h.t).unwrap();
+    h.queue.clear();
+    h.clear_events();
+    h.drain();
+}
+
+/// Runs B's failover up to (not including) answering the action named
+/// `stop_at`.
+fn failover_until(stop_at: &str) -> H {
+    let mut h = spare_protected(policy());
+    h.advance(Duration::from_secs(10));
+    let steps: Vec<(&str, Outcome)> = vec![
+        ("observe VM on a", unreachable()),
+        ("query replica", report("a", "b", 5, 8)),
+        ("fence a", Outcome::Ok(Answer::Fenced(power_receipt("a")))),
+        ("observe VM on a", unreachable()),
+        ("promote g5 on b", Outcome::Ok(Answer::Promoted(g(5)))),
+        ("start VM on b from g5", done()),
+    ];
+    let mut seen_fence = false;
+    for (op, outcome) in steps {
+        let is_check = op == "observe VM on a" && seen_fence;
+        let key = if is_check { "fence-check" } else { op };
+        if key == stop_at {
+            break;
+        }
+        seen_fence |= op == "fence a";
+        h.answer(op, outcome);
+    }
+    h.take();
+    h
+}
+
+#[test]
+fn crash_while_fencing_reads_the_power_state_instead_of_fencing_again() {
+    let mut h = failover_until("fence a");
+    assert_eq!(h.pending(), ["fence a"]);
+    crash(&mut h);
+    assert_eq!(h.take(), ["read power status of a"]);
+    h.answer(
+        "read power status of a",
+        Outcome::Ok(Answer::Power { state: PowerState::Off, receipt: Some(power_receipt("a")) }),
+    );
+    assert_eq!(h.take(), ["observe VM on a"]);
+    h.answer("observe VM on a", unreachable());
+    assert_eq!(h.take(), ["promote g5 on b"]);
+}
+
+#[test]
+fn crash_while_fencing_a_node_still_on_fences_again_after_observing() {
+    let mut h = failover_until("fence a");
+    crash(&mut h);
+    h.answer("read power status of a", Outcome::Ok(Answer::Power { state: PowerState::On, receipt: None }));
+    assert!(h.take().is_empty());
+    assert!(h.last_event().contains("reads on"), "{}", h.last_event());
+    h.advance(policy().fence_backoff);
+    assert_eq!(h.take(), ["fence a"]);
+}
+
+#[test]
+fn crash_during_the_fence_check_checks_again() {
+    let mut h = failover_until("fence-check");
+    crash(&mut h);
+    assert_eq!(h.take(), ["observe VM on a"]);
+    assert_eq!(h.phase(), PhaseName::FenceCheck);
+    h.answer("observe VM on a", unreachable());
+    assert_eq!(h.take(), ["promote g5 on b"]);
+}
+
+#[test]
+fn crash_while_promoting_observes_the_replica_then_promotes() {
+    let mut h = failover_until("promote g5 on b");
+    crash(&mut h);
+    assert_eq!(h.take(), ["query replica"]);
+    h.answer("query replica", report("a", "b", 5, 30));
+    assert_eq!(h.take(), ["promote g5 on b"]);
+    h.answer("promote g5 on b", Outcome::Ok(Answer::Promoted(g(5))));
+    assert_eq!(h.take(), ["start VM on b from g5"]);
+    assert_eq!(h.m.epoch(), Epoch(1));
+}
+
+#[test]
+fn crash_while_starting_finds_the_vm_running_and_does_not_start_it_twice() {
+    let mut h = failover_until("start VM on b from g5");
+    assert_eq!(h.m.epoch(), Epoch(1), "the epoch is journaled before the start runs");
+    crash(&mut h);
+    assert_eq!(h.take(), ["observe VM on b"]);
+    h.answer("observe VM on b", observed("b", VmState::Running));
+    assert!(h.take().is_empty());
+    assert_eq!(h.phase(), PhaseName::Unprotected);
+}
+
+#[test]
+fn crash_while_starting_starts_after_observing_it_off() {
+    let mut h = failover_until("start VM on b from g5");
+    crash(&mut h);
+    h.answer("observe VM on b", observed("b", VmState::ShutOff));
+    assert!(h.take().is_empty());
+    h.advance(policy().retry_backoff);
+    assert_eq!(h.take(), ["start VM on b from g5"]);
+}
+
+#[test]
+fn crash_after_the_failover_recovers_as_active() {
+    let mut h = failover_until("never");
+    assert_eq!(h.phase(), PhaseName::Unprotected);
+    crash(&mut h);
+    assert_eq!(h.take(), ["observe VM on b"]);
+    h.answer("observe VM on b", observed("b", VmState::Running));
+    h.advance(policy().peer_wait);
+    assert_eq!(h.phase(), PhaseName::Unprotected);
+    assert!(h.take().is_empty());
+}
+
+#[test]
+fn crash_while_suspecting_starts_over_from_recovering() {
+    let mut h = failover_until("observe VM on a");
+    crash(&mut h);
+    assert_eq!(h.phase(), PhaseName::Recovering);
+    // The lost observation is asked again, and the local copy is observed.
+    assert_eq!(h.take(), ["observe VM on b", "observe VM on a"]);
+}
+
+#[test]
+fn a_returned_old_primary_is_resynced_and_never_started() {
+    // a's machine as it was when a was fenced: active, protected.
+    let mut a = active_protected(policy());
+    let a_snap = a.m.snapshot();
+    // b failed over meanwhile.
+    let mut b = failover_until("never");
+    assert_eq!(b.phase(), PhaseName::Unprotected);
+    // a comes back with its old journal.
+    a.m = Machine::restore(a.m.config().clone(), a_snap, a.t).unwrap();
+    a.queue.clear();
+    a.clear_events();
+    a.drain();
+    assert_eq!(a.take(), ["observe VM on a"]);
+    a.answer("observe VM on a", observed("a", VmState::ShutOff));
+    assert!(a.take().is_empty(), "waits for the peer before deciding");
+    a.input(Input::Heartbeat { from: n("b"), view: Some(b.m.view()) });
+    assert_eq!(a.phase(), PhaseName::Stale);
+    assert_eq!(a.m.active(), &n("b"));
+    assert!(a.take().iter().all(|o| !o.starts_with("start")));
+    // b sees a back and resyncs it in full.
+    for _ in 0..3 {
+        b.advance(Duration::from_secs(1));
+        b.input(Input::Heartbeat { from: n("a"), view: Some(a.m.view()) });
+    }
+    assert_eq!(b.phase(), PhaseName::Resyncing);
+    assert_eq!(b.transitions().last().unwrap(), "unprotected -> resyncing: a is back; replicating to it");
+    assert_eq!(b.take(), ["reverse replication to b -> a"]);
+    b.answer("reverse replication to b -> a", done());
+    assert_eq!(b.take(), ["initial sync b -> a"]);
+    b.answer("initial sync b -> a", generation(6));
+    assert_eq!(b.phase(), PhaseName::Protected);
+    a.input(Input::Heartbeat { from: n("b"), view: Some(b.m.view()) });
+    assert_eq!(a.phase(), PhaseName::Protected);
+    // a, now the spare, never asked to start anything.
+    a.advance(Duration::from_secs(3600));
+    assert!(a.take().iter().all(|o| !o.starts_with("start")));
+}
+
+#[test]
+fn a_returned_primary_without_peer_contact_blocks() {
+    let mut a = active_protected(policy());
+    let snap = a.m.snapshot();
+    a.m = Machine::restore(a.m.config().clone(), snap, a.t).unwrap();
+    a.queue.clear();
+    a.drain();
+    a.answer("observe VM on a", observed("a", VmState::ShutOff));
+    a.advance(policy().peer_wait);
+    assert!(matches!(a.m.phase(), Phase::Blocked { on: BlockedOn::NoPeerContact { .. }, .. }));
+    assert!(a.take().is_empty());
+    a.command(Command::ConfirmDown(FenceReceipt::from_operator(n("b"), UnixMillis(1))));
+    assert_eq!(a.take(), ["start VM on a in place"]);
+    assert_eq!(a.m.epoch(), Epoch(1));
+}
+
+#[test]
+fn restore_rejects_a_snapshot_of_another_pair_or_node() {
+    let h = spare_protected(policy());
+    let e = Machine::restore(cfg("a", policy()), h.m.snapshot(), h.t).unwrap_err();
+    assert!(e.to_string().contains("journal snapshot is for pair web on b, not pair web on a"), "{e}");
+}
+
+#[test]
+fn unknown_sync_outcome_observes_the_replica() {
+    let mut a = active_protected(Policy { sync_interval: Duration::from_secs(10), ..policy() });
+    a.beats(6, Some(view_b(5)));
+    assert_eq!(a.take(), ["sync a -> b"]);
+    a.answer("sync a -> b", Outcome::Unknown);
+    assert_eq!(a.take(), ["query replica"]);
+    a.answer("query replica", report("a", "b", 6, 2));
+    assert_eq!(a.m.status().newest.unwrap().generation, Generation(6));
+    assert_eq!(a.phase(), PhaseName::Protected);
+}
+
+#[test]
+fn unknown_reverse_is_observed_and_not_repeated_when_done() {
+    let mut h = failover_until("never");
+    for _ in 0..3 {
+        h.advance(Duration::from_secs(1));
+        h.input(Input::Heartbeat { from: n("a"), view: Some(PeerView { phase: PhaseName::Stale, ..view_a(5) }) });
+    }
+    assert_eq!(h.take(), ["reverse replication to b -> a"]);
+    h.answer("reverse replication to b -> a", Outcome::Unknown);
+    assert_eq!(h.take(), ["query replica"]);
+    h.answer("query replica", report("b", "a", 5, 30));
+    assert_eq!(h.take(), ["initial sync b -> a"], "already reversed: not reversed twice");
+}
