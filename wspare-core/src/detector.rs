@@ -185,13 +185,21 @@ impl Detector {
     /// Phi at `now`.
     pub fn phi(&self, now: Instant) -> f64 {
         let Some(last) = self.last else {
-            return if now >= self.deadline { f64::INFINITY } else { 0.0 };
+            return if now >= self.deadline {
+                f64::INFINITY
+            } else {
+                0.0
+            };
         };
         let (mean, sd) = self.mean_sd();
         let elapsed = (now - last).as_secs_f64() * 1000.0;
         let y = (elapsed - mean) / sd;
         let e = (-y * (A + B * y * y)).exp();
-        let p = if elapsed > mean { e / (1.0 + e) } else { 1.0 - 1.0 / (1.0 + e) };
+        let p = if elapsed > mean {
+            e / (1.0 + e)
+        } else {
+            1.0 - 1.0 / (1.0 + e)
+        };
         -p.max(f64::MIN_POSITIVE).log10()
     }
 
@@ -233,7 +241,10 @@ mod tests {
     }
 
     fn cfg() -> DetectorConfig {
-        DetectorConfig { acceptable_pause: Duration::ZERO, ..DetectorConfig::default() }
+        DetectorConfig {
+            acceptable_pause: Duration::ZERO,
+            ..DetectorConfig::default()
+        }
     }
 
     #[test]
@@ -304,7 +315,11 @@ mod tests {
 
     #[test]
     fn window_slides() {
-        let c = DetectorConfig { window: 4, acceptable_pause: Duration::ZERO, ..DetectorConfig::default() };
+        let c = DetectorConfig {
+            window: 4,
+            acceptable_pause: Duration::ZERO,
+            ..DetectorConfig::default()
+        };
         let mut d = Detector::new(c, at(0));
         let mut t = 0;
         for _ in 0..10 {
@@ -322,9 +337,15 @@ mod tests {
 
     #[test]
     fn validate_names_fields() {
-        let c = DetectorConfig { threshold: 0.5, ..DetectorConfig::default() };
+        let c = DetectorConfig {
+            threshold: 0.5,
+            ..DetectorConfig::default()
+        };
         assert!(c.validate().unwrap_err().starts_with("threshold"));
-        let c = DetectorConfig { window: 1, ..DetectorConfig::default() };
+        let c = DetectorConfig {
+            window: 1,
+            ..DetectorConfig::default()
+        };
         assert!(c.validate().unwrap_err().starts_with("window"));
     }
 }

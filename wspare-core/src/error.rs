@@ -133,7 +133,10 @@ impl Error {
     /// and the journal.
     pub fn to_failure(&self) -> Failure {
         let mut message = self.message.clone();
-        let mut src = self.source.as_deref().map(|e| e as &(dyn StdError + 'static));
+        let mut src = self
+            .source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static));
         while let Some(e) = src {
             let s = e.to_string();
             if !message.contains(&s) {
@@ -191,7 +194,9 @@ impl fmt::Debug for Error {
 
 impl StdError for Error {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn StdError + 'static))
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
     }
 }
 

@@ -9,7 +9,9 @@ use crate::time::UnixMillis;
 
 /// The version of a replica. Only grows: a cycle that finishes produces a
 /// larger one, a cycle that fails leaves the last one as it was.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default,
+)]
 #[serde(transparent)]
 pub struct Generation(pub u64);
 
@@ -41,7 +43,9 @@ pub struct GenerationInfo {
 /// Which node holds the active copy, and how often that changed. Every
 /// failover or switchover takes the next epoch; a node that learns of a larger
 /// epoch than its own knows that its copy is stale.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Debug, Default,
+)]
 #[serde(transparent)]
 pub struct Epoch(pub u64);
 

@@ -15,7 +15,8 @@
 //!   `ShutOff`).
 //! - **H3 redefine**: `define` of a defined, stopped VM replaces its
 //!   definition; `define` of an invalid spec fails with `InvalidInput` and
-//!   changes nothing.
+//!   changes nothing. (Callers define only stopped VMs; a backend may refuse
+//!   to redefine a running one with `Conflict`.)
 //! - **H4 idempotent start**: once `start` returns Ok, status is `Running`;
 //!   `start` of a running VM succeeds and changes nothing.
 //! - **H5 idempotent destroy**: once `destroy` returns Ok, status is
@@ -32,7 +33,8 @@
 //!   keeps writing; after `release_disks` the guest's disks hold every write
 //!   it made, during the freeze too, and the VM kept running throughout.
 //!   `freeze_disks` of a stopped VM fails with `Conflict` (its files are
-//!   already consistent).
+//!   already consistent). A freeze left behind by a caller that crashed
+//!   before `release_disks` is released by the next `freeze_disks`.
 //! - **H9 hot-plug** (capability `attach_disk`): after `attach_disk` the disk
 //!   is in `spec`; after `detach_disk` it is gone; detaching a slot that is
 //!   not attached fails with `NotFound`.
@@ -117,7 +119,10 @@ pub struct VmStatus {
 impl VmStatus {
     /// A status without a reason.
     pub fn new(state: VmState) -> Self {
-        VmStatus { state, reason: None }
+        VmStatus {
+            state,
+            reason: None,
+        }
     }
 }
 

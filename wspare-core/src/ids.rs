@@ -160,7 +160,10 @@ mod tests {
             assert!(msg.contains(why), "{n:?}: {msg}");
         }
         let long = "a".repeat(65);
-        assert!(NodeId::new(long).unwrap_err().to_string().contains("65 bytes"));
+        assert!(NodeId::new(long)
+            .unwrap_err()
+            .to_string()
+            .contains("65 bytes"));
     }
 
     #[test]

@@ -7,12 +7,16 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for how the pieces fit.
 
+pub mod config;
 pub mod detector;
+pub mod driver;
 pub mod error;
 pub mod fencer;
 pub mod generation;
 pub mod hypervisor;
 pub mod ids;
+pub mod invariants;
+pub mod journal;
 pub mod machine;
 pub mod receipt;
 pub mod replicator;
@@ -23,9 +27,13 @@ pub mod time;
 pub use error::{BackendError, Error, ErrorKind, Failure, Result};
 pub use fencer::{FenceScope, Fencer, FencerCaps};
 pub use generation::{Epoch, Generation, GenerationInfo};
-pub use hypervisor::{Consistency, FrozenDisk, FrozenDisks, Hypervisor, HypervisorCaps, VmEvent, VmState, VmStatus};
+pub use hypervisor::{
+    Consistency, FrozenDisk, FrozenDisks, Hypervisor, HypervisorCaps, VmEvent, VmState, VmStatus,
+};
 pub use ids::{ActionId, NodeId, PairId, VmName};
 pub use receipt::{Evidence, FenceReceipt, FenceTarget, PowerState};
 pub use replicator::{Progress, Promoted, ReplicaStatus, Replicator, ReplicatorCaps, SourceView};
-pub use spec::{Boot, DiskBus, DiskFormat, DiskSpec, Firmware, MacAddr, NicModel, NicSource, NicSpec, VmSpec};
+pub use spec::{
+    Boot, DiskBus, DiskFormat, DiskSpec, Firmware, MacAddr, NicModel, NicSource, NicSpec, VmSpec,
+};
 pub use time::{Instant, UnixMillis};

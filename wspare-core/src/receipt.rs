@@ -169,7 +169,9 @@ impl fmt::Display for FenceReceipt {
                 write!(f, "{} read back off by {device}", self.target)
             }
             Evidence::StoppedObserved { state } => write!(f, "{} observed {state}", self.target),
-            Evidence::OperatorConfirmed => write!(f, "{} confirmed down by an operator", self.target),
+            Evidence::OperatorConfirmed => {
+                write!(f, "{} confirmed down by an operator", self.target)
+            }
         }
     }
 }
@@ -186,14 +188,22 @@ mod tests {
     fn only_evidence_of_off_makes_a_receipt() {
         let at = UnixMillis(1);
         assert!(FenceReceipt::from_power_reading(n("a"), "ipmi", PowerState::On, at).is_none());
-        assert!(FenceReceipt::from_power_reading(n("a"), "ipmi", PowerState::Unknown, at).is_none());
+        assert!(
+            FenceReceipt::from_power_reading(n("a"), "ipmi", PowerState::Unknown, at).is_none()
+        );
         let r = FenceReceipt::from_power_reading(n("a"), "ipmi", PowerState::Off, at).unwrap();
         assert_eq!(r.to_string(), "node a read back off by ipmi");
         let vm = VmName::new("web").unwrap();
-        for s in [VmState::Running, VmState::Paused, VmState::Crashed, VmState::ShuttingDown] {
+        for s in [
+            VmState::Running,
+            VmState::Paused,
+            VmState::Crashed,
+            VmState::ShuttingDown,
+        ] {
             assert!(FenceReceipt::from_observed_state(n("a"), vm.clone(), s, at).is_none());
         }
-        let r = FenceReceipt::from_observed_state(n("a"), vm.clone(), VmState::ShutOff, at).unwrap();
+        let r =
+            FenceReceipt::from_observed_state(n("a"), vm.clone(), VmState::ShutOff, at).unwrap();
         assert!(r.covers(&n("a"), &vm));
         assert!(!r.covers(&n("b"), &vm));
         assert!(!r.covers(&n("a"), &VmName::new("db").unwrap()));

@@ -18,7 +18,10 @@
 //!   dropped midway, leaves `status().newest` as it was, that generation stays
 //!   promotable with its content intact, and the next sync succeeds.
 //! - **R4 point in time**: the disks `promote(g)` returns hold exactly the
-//!   source's content at `g`'s point in time, for every disk.
+//!   source's content at `g`'s point in time, for every disk. `promote` does
+//!   not consume the generation: it may be called again for the same `g`
+//!   (after a driver crash) and returns the same disks, and later syncs
+//!   continue from there.
 //! - **R5 unknown generation**: `promote` or `verify` of a generation the
 //!   replicator does not hold fails with `NotFound`.
 //! - **R6 reverse** (capability `reversible`): after `reverse`, `status`

@@ -191,7 +191,11 @@ impl FromStr for MacAddr {
     type Err = Error;
     /// Accepts `52:54:00:12:34:56` and `52-54-00-12-34-56` (Hyper-V), any case.
     fn from_str(s: &str) -> Result<Self, Error> {
-        let bad = || Error::invalid(format!("invalid MAC address {s:?}: expected six hex pairs like 52:54:00:12:34:56"));
+        let bad = || {
+            Error::invalid(format!(
+                "invalid MAC address {s:?}: expected six hex pairs like 52:54:00:12:34:56"
+            ))
+        };
         let parts: Vec<&str> = s.split([':', '-']).collect();
         if parts.len() != 6 {
             return Err(bad());
@@ -229,10 +233,15 @@ pub fn validate_text(what: &str, s: &str, required: bool) -> Result<(), Error> {
         return Err(Error::invalid(format!("{what} is empty")));
     }
     if s.len() > 4096 {
-        return Err(Error::invalid(format!("{what} is {} bytes long, at most 4096 are allowed", s.len())));
+        return Err(Error::invalid(format!(
+            "{what} is {} bytes long, at most 4096 are allowed",
+            s.len()
+        )));
     }
     if let Some(c) = s.chars().find(|c| c.is_control()) {
-        return Err(Error::invalid(format!("{what} {s:?} contains control character {c:?}")));
+        return Err(Error::invalid(format!(
+            "{what} {s:?} contains control character {c:?}"
+        )));
     }
     Ok(())
 }
@@ -250,7 +259,9 @@ pub fn validate_disk_target(target: &str) -> Result<(), Error> {
     let ok = !target.is_empty()
         && target.len() <= 16
         && target.as_bytes()[0].is_ascii_lowercase()
-        && target.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        && target
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if ok {
         Ok(())
     } else {
@@ -266,26 +277,42 @@ impl VmSpec {
         let vm = &self.name;
         let ctx = |e: Error| e.context(format!("VM spec {vm}"));
         if self.vcpus == 0 || self.vcpus > 1024 {
-            return Err(ctx(Error::invalid(format!("vcpus = {} is outside 1..=1024", self.vcpus))));
+            return Err(ctx(Error::invalid(format!(
+                "vcpus = {} is outside 1..=1024",
+                self.vcpus
+            ))));
         }
         if self.memory_mib < 16 {
-            return Err(ctx(Error::invalid(format!("memory-mib = {} is below 16", self.memory_mib))));
+            return Err(ctx(Error::invalid(format!(
+                "memory-mib = {} is below 16",
+                self.memory_mib
+            ))));
         }
         let mut targets = std::collections::HashSet::new();
         for (i, d) in self.disks.iter().enumerate() {
-            validate_disk_target(&d.target).map_err(|e| ctx(e.context(format!("disks[{i}].target"))))?;
+            validate_disk_target(&d.target)
+                .map_err(|e| ctx(e.context(format!("disks[{i}].target"))))?;
             validate_path(&format!("disks[{i}].path"), &d.path).map_err(ctx)?;
             if !targets.insert(d.target.as_str()) {
-                return Err(ctx(Error::invalid(format!("disks[{i}].target {:?} is used twice", d.target))));
+                return Err(ctx(Error::invalid(format!(
+                    "disks[{i}].target {:?} is used twice",
+                    d.target
+                ))));
             }
         }
         let mut macs = std::collections::HashSet::new();
         for (i, n) in self.nics.iter().enumerate() {
             if !macs.insert(n.mac) {
-                return Err(ctx(Error::invalid(format!("nics[{i}].mac {} is used twice", n.mac))));
+                return Err(ctx(Error::invalid(format!(
+                    "nics[{i}].mac {} is used twice",
+                    n.mac
+                ))));
             }
             if n.mac.0[0] & 1 == 1 {
-                return Err(ctx(Error::invalid(format!("nics[{i}].mac {} is a multicast address", n.mac))));
+                return Err(ctx(Error::invalid(format!(
+                    "nics[{i}].mac {} is a multicast address",
+                    n.mac
+                ))));
             }
             match &n.source {
                 NicSource::Bridge(s) | NicSource::Network(s) => {
@@ -295,7 +322,11 @@ impl VmSpec {
             }
         }
         match &self.boot {
-            Boot::Kernel { kernel, initrd, cmdline } => {
+            Boot::Kernel {
+                kernel,
+                initrd,
+                cmdline,
+            } => {
                 validate_path("boot.kernel", kernel).map_err(ctx)?;
                 if let Some(i) = initrd {
                     validate_path("boot.initrd", i).map_err(ctx)?;
@@ -363,7 +394,11 @@ pub(crate) mod tests {
     fn invalid_specs_name_the_field() {
         let mut s = sample();
         s.vcpus = 0;
-        assert!(s.validate().unwrap_err().to_string().contains("VM spec web: vcpus = 0"));
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("VM spec web: vcpus = 0"));
         let mut s = sample();
         s.disks[0].target = "../x".into();
         let e = s.validate().unwrap_err();
@@ -373,8 +408,16 @@ pub(crate) mod tests {
         s.disks.push(s.disks[0].clone());
         assert!(s.validate().unwrap_err().to_string().contains("used twice"));
         let mut s = sample();
-        s.boot = Boot::Kernel { kernel: "/k".into(), initrd: None, cmdline: "a\nb".into() };
-        assert!(s.validate().unwrap_err().to_string().contains("boot.cmdline"));
+        s.boot = Boot::Kernel {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: "a\nb".into(),
+        };
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("boot.cmdline"));
         let mut s = sample();
         s.disks.clear();
         s.boot = Boot::Disk;
@@ -388,7 +431,13 @@ pub(crate) mod tests {
     fn mac_parsing() {
         let m: MacAddr = "52-54-00-AB-cd-EF".parse().unwrap();
         assert_eq!(m.to_string(), "52:54:00:ab:cd:ef");
-        for bad in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:ef:01", "zz:54:00:ab:cd:ef", "5254:00:ab:cd:ef:0"] {
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:ef:01",
+            "zz:54:00:ab:cd:ef",
+            "5254:00:ab:cd:ef:0",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad}");
         }
     }

@@ -146,7 +146,10 @@ impl Op {
 
     /// Whether the op only reads (allowed in maintenance, safe to repeat).
     pub fn is_observation(&self) -> bool {
-        matches!(self, Op::Observe { .. } | Op::QueryReplica | Op::PowerStatus { .. } | Op::Verify { .. })
+        matches!(
+            self,
+            Op::Observe { .. } | Op::QueryReplica | Op::PowerStatus { .. } | Op::Verify { .. }
+        )
     }
 }
 
@@ -157,17 +160,33 @@ impl fmt::Display for Op {
             Op::QueryReplica => write!(f, "query replica"),
             Op::InitialSync { source, target } => write!(f, "initial sync {source} -> {target}"),
             Op::Sync { source, target } => write!(f, "sync {source} -> {target}"),
-            Op::ReverseReplication { source, target } => write!(f, "reverse replication to {source} -> {target}"),
+            Op::ReverseReplication { source, target } => {
+                write!(f, "reverse replication to {source} -> {target}")
+            }
             Op::Verify { generation } => write!(f, "verify {generation}"),
             Op::Fence { node } => write!(f, "fence {node}"),
             Op::PowerStatus { node } => write!(f, "read power status of {node}"),
             Op::Promote { node, generation } => write!(f, "promote {generation} on {node}"),
-            Op::StartVm { node, generation: Some(g), .. } => write!(f, "start VM on {node} from {g}"),
-            Op::StartVm { node, generation: None, .. } => write!(f, "start VM on {node} in place"),
+            Op::StartVm {
+                node,
+                generation: Some(g),
+                ..
+            } => write!(f, "start VM on {node} from {g}"),
+            Op::StartVm {
+                node,
+                generation: None,
+                ..
+            } => write!(f, "start VM on {node} in place"),
             Op::StopVm { node, .. } => write!(f, "shut down VM on {node}"),
             Op::DestroyVm { node } => write!(f, "destroy VM on {node}"),
-            Op::StartTestClone { node, generation, label } => write!(f, "start test clone {label} of {generation} on {node}"),
-            Op::DestroyTestClone { node, label } => write!(f, "destroy test clone {label} on {node}"),
+            Op::StartTestClone {
+                node,
+                generation,
+                label,
+            } => write!(f, "start test clone {label} of {generation} on {node}"),
+            Op::DestroyTestClone { node, label } => {
+                write!(f, "destroy test clone {label} on {node}")
+            }
         }
     }
 }

@@ -7,11 +7,15 @@ impl Machine {
     /// refusal into a `Rejected` event.)
     pub fn command(&mut self, c: Command) -> Result<(), String> {
         let phase = self.phase.name();
-        let busy = |what: &str| format!("{what} is refused in maintenance; turn maintenance off first");
+        let busy =
+            |what: &str| format!("{what} is refused in maintenance; turn maintenance off first");
         match c {
             Command::Maintenance(on) => {
                 if on == self.maintenance {
-                    return Err(format!("maintenance is already {}", if on { "on" } else { "off" }));
+                    return Err(format!(
+                        "maintenance is already {}",
+                        if on { "on" } else { "off" }
+                    ));
                 }
                 self.maintenance = on;
                 if on {
@@ -37,7 +41,10 @@ impl Machine {
             Command::Switchover => self.request_handover("switchover"),
             Command::Failback => {
                 if self.active == self.cfg.primary {
-                    return Err(format!("{} is already active; nothing to fail back", self.cfg.primary));
+                    return Err(format!(
+                        "{} is already active; nothing to fail back",
+                        self.cfg.primary
+                    ));
                 }
                 self.request_handover("failback")
             }
@@ -46,23 +53,50 @@ impl Machine {
                     return Err(busy("test failover"));
                 }
                 if self.is_active() {
-                    return Err(format!("test failover runs on the spare; ask {}", self.peer()));
+                    return Err(format!(
+                        "test failover runs on the spare; ask {}",
+                        self.peer()
+                    ));
                 }
                 if let Some(t) = &self.test {
-                    return Err(format!("test failover {} of {} is already running; end it first", t.label, t.generation));
+                    return Err(format!(
+                        "test failover {} of {} is already running; end it first",
+                        t.label, t.generation
+                    ));
                 }
                 if !matches!(self.phase, Phase::Protected | Phase::Degraded { .. }) {
-                    return Err(format!("the pair is {phase}; test failover needs it protected or degraded"));
+                    return Err(format!(
+                        "the pair is {phase}; test failover needs it protected or degraded"
+                    ));
                 }
-                let newest = self.newest.ok_or("there is no complete generation yet")?.generation;
+                let newest = self
+                    .newest
+                    .ok_or("there is no complete generation yet")?
+                    .generation;
                 let g = generation.unwrap_or(newest);
                 if g > newest {
-                    return Err(format!("{g} is newer than the newest complete generation, {newest}"));
+                    return Err(format!(
+                        "{g} is newer than the newest complete generation, {newest}"
+                    ));
                 }
                 let label = format!("test-{}", g.0);
-                self.test = Some(TestClone { generation: g, label: label.clone(), running: false });
-                self.notice(format!("test failover: starting isolated clone {label} of {g} on {}", self.cfg.local));
-                self.issue(Op::StartTestClone { node: self.local(), generation: g, label }, Why::Routine);
+                self.test = Some(TestClone {
+                    generation: g,
+                    label: label.clone(),
+                    running: false,
+                });
+                self.notice(format!(
+                    "test failover: starting isolated clone {label} of {g} on {}",
+                    self.cfg.local
+                ));
+                self.issue(
+                    Op::StartTestClone {
+                        node: self.local(),
+                        generation: g,
+                        label,
+                    },
+                    Why::Routine,
+                );
                 Ok(())
             }
             Command::EndTest => {
@@ -70,7 +104,13 @@ impl Machine {
                 if self.in_flight(|o| matches!(o, Op::DestroyTestClone { .. })) {
                     return Err(format!("test clone {} is being destroyed already", t.label));
                 }
-                self.issue(Op::DestroyTestClone { node: self.local(), label: t.label }, Why::Routine);
+                self.issue(
+                    Op::DestroyTestClone {
+                        node: self.local(),
+                        label: t.label,
+                    },
+                    Why::Routine,
+                );
                 Ok(())
             }
             Command::ConfirmDown(receipt) => {
@@ -84,7 +124,9 @@ impl Machine {
                     return Err(busy("resume"));
                 }
                 if !matches!(self.phase, Phase::Blocked { .. }) {
-                    return Err(format!("the pair is {phase}, not blocked; nothing to resume"));
+                    return Err(format!(
+                        "the pair is {phase}, not blocked; nothing to resume"
+                    ));
                 }
                 self.accept_data_loss = accept_data_loss;
                 let cause = if accept_data_loss {
@@ -100,17 +142,27 @@ impl Machine {
 
     fn request_handover(&mut self, what: &str) -> Result<(), String> {
         if self.maintenance {
-            return Err(format!("{what} is refused in maintenance; turn maintenance off first"));
+            return Err(format!(
+                "{what} is refused in maintenance; turn maintenance off first"
+            ));
         }
         if !self.is_active() {
-            return Err(format!("{what} must be asked of the active node, {}", self.active));
+            return Err(format!(
+                "{what} must be asked of the active node, {}",
+                self.active
+            ));
         }
         if self.phase != Phase::Protected {
             let why = match &self.phase {
-                Phase::Degraded { reason } | Phase::Blocked { reason, .. } => format!(" ({reason})"),
+                Phase::Degraded { reason } | Phase::Blocked { reason, .. } => {
+                    format!(" ({reason})")
+                }
                 _ => String::new(),
             };
-            return Err(format!("{what} needs a protected pair; it is {}{why}", self.phase.name()));
+            return Err(format!(
+                "{what} needs a protected pair; it is {}{why}",
+                self.phase.name()
+            ));
         }
         let peer = self.peer();
         self.begin_handover(true, format!("operator asked for {what} to {peer}"));
@@ -125,7 +177,10 @@ impl Machine {
         }
         let cause = format!("operator confirmed {node} down");
         match self.phase.clone() {
-            Phase::Blocked { on: BlockedOn::FenceFailed { target } | BlockedOn::LyingFencer { target }, .. }
+            Phase::Blocked {
+                on: BlockedOn::FenceFailed { target } | BlockedOn::LyingFencer { target },
+                ..
+            }
             | Phase::Fencing { target, .. }
                 if target == node =>
             {
@@ -139,7 +194,10 @@ impl Machine {
                 }
                 Ok(())
             }
-            Phase::Blocked { on: BlockedOn::NoPeerContact { peer: p }, .. } if p == node => {
+            Phase::Blocked {
+                on: BlockedOn::NoPeerContact { peer: p },
+                ..
+            } if p == node => {
                 // The operator overrules whatever the peer may have done:
                 // take a new epoch, so equal claims show up as split brain.
                 self.epoch = self.epoch.next();
@@ -147,13 +205,23 @@ impl Machine {
                 self.needs_initial = true;
                 self.peer_receipt = Some(receipt.clone());
                 self.transition(
-                    Phase::Restarting { receipt: Some(receipt), destroy_first: false, receipt_tries: 0 },
-                    format!("{cause}; starting the VM on {} at epoch {}", self.cfg.local, self.epoch),
+                    Phase::Restarting {
+                        receipt: Some(receipt),
+                        destroy_first: false,
+                        receipt_tries: 0,
+                    },
+                    format!(
+                        "{cause}; starting the VM on {} at epoch {}",
+                        self.cfg.local, self.epoch
+                    ),
                 );
                 self.restart_step();
                 Ok(())
             }
-            _ => Err(format!("nothing waits for {node} to be confirmed down (the pair is {})", self.phase.name())),
+            _ => Err(format!(
+                "nothing waits for {node} to be confirmed down (the pair is {})",
+                self.phase.name()
+            )),
         }
     }
 
@@ -161,7 +229,10 @@ impl Machine {
         let Some(t) = self.test.clone() else { return };
         match outcome {
             Outcome::Ok(_) => {
-                self.test = Some(TestClone { running: true, ..t.clone() });
+                self.test = Some(TestClone {
+                    running: true,
+                    ..t.clone()
+                });
                 self.notice(format!(
                     "test clone {} of {} runs on {}, isolated; production untouched",
                     t.label, t.generation, self.cfg.local
@@ -179,12 +250,17 @@ impl Machine {
         match outcome {
             Outcome::Ok(_) => {
                 if let Some(t) = self.test.take() {
-                    self.notice(format!("test clone {} destroyed; test failover ended", t.label));
+                    self.notice(format!(
+                        "test clone {} destroyed; test failover ended",
+                        t.label
+                    ));
                 }
             }
             other => {
                 let f = failure(other, "destroy test clone");
-                self.notice(format!("destroying the test clone failed: {f}; run end-test again"));
+                self.notice(format!(
+                    "destroying the test clone failed: {f}; run end-test again"
+                ));
             }
         }
     }

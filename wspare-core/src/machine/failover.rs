@@ -8,9 +8,11 @@ impl Machine {
     /// The detector just suspected the peer.
     pub(super) fn on_suspected(&mut self) {
         let peer = self.peer();
-        let silence = self.detector.silence(self.now).map(fmt_dur).unwrap_or_else(|| "ever".into());
+        let silence = self.silence();
         if self.maintenance {
-            self.notice(format!("no heartbeat from {peer} for {silence}; maintenance is on, not acting"));
+            self.notice(format!(
+                "no heartbeat from {peer} {silence}; maintenance is on, not acting"
+            ));
             return;
         }
         // A peer already fenced (or failed over from) is known down.
@@ -20,18 +22,35 @@ impl Machine {
         self.suspect_since = self.now;
         self.suspect_confirmed = None;
         let phi = self.detector.phi(self.now);
-        let phi = if phi.is_finite() { format!("{phi:.1}") } else { "inf".into() };
-        let role = if self.is_active() { "spare" } else { "active node" };
+        let phi = if phi.is_finite() {
+            format!("{phi:.1}")
+        } else {
+            "inf".into()
+        };
+        let role = if self.is_active() {
+            "spare"
+        } else {
+            "active node"
+        };
         self.transition(
             Phase::Suspect,
-            format!("no heartbeat from {role} {peer} for {silence} (phi {phi}); asking its hypervisor"),
+            format!("no heartbeat from {role} {peer} {silence} (phi {phi}); asking its hypervisor"),
         );
         self.observe_peer(Why::Confirm);
     }
 
+    /// "for 4.2s", or "since this node started" when none ever came.
+    fn silence(&self) -> String {
+        match self.detector.silence(self.now) {
+            Some(d) => format!("for {}", fmt_dur(d)),
+            None => "since this node started".into(),
+        }
+    }
+
     /// The confirm timer: ask the second channel again while holding.
     pub(super) fn reconfirm(&mut self) {
-        if matches!(self.phase, Phase::Suspect) && self.detector.is_suspected() && !self.maintenance {
+        if matches!(self.phase, Phase::Suspect) && self.detector.is_suspected() && !self.maintenance
+        {
             if let Some(how) = self.suspect_confirmed.clone() {
                 // Waiting for the witness: check whether it spoke meanwhile.
                 self.second_channel_down(how);
@@ -71,7 +90,9 @@ impl Machine {
                     self.second_channel_down(format!("its hypervisor reports the VM {s}"));
                 }
             }
-            Err(f) => self.second_channel_down(format!("its hypervisor does not answer ({})", f.message)),
+            Err(f) => {
+                self.second_channel_down(format!("its hypervisor does not answer ({})", f.message))
+            }
         }
     }
 
@@ -89,7 +110,9 @@ impl Machine {
                         "{peer} is silent and {how}, but the witness still reaches it: this node may be the isolated one; holding"
                     ));
                 }
-                _ => self.notice(format!("{peer} is silent and {how}; waiting for the witness")),
+                _ => self.notice(format!(
+                    "{peer} is silent and {how}; waiting for the witness"
+                )),
             }
             self.timers.confirm = self.now + self.cfg.policy.retry_backoff;
             return;
@@ -100,8 +123,8 @@ impl Machine {
     /// Both channels say the peer is down.
     pub(super) fn confirmed(&mut self, how: String) {
         let peer = self.peer();
-        let silence = self.detector.silence(self.now).map(fmt_dur).unwrap_or_else(|| "ever".into());
-        let cause = format!("no heartbeat from {peer} for {silence} and {how}");
+        let silence = self.silence();
+        let cause = format!("no heartbeat from {peer} {silence} and {how}");
         self.suspect_confirmed = Some(cause.clone());
         if self.is_active() {
             self.start_fencing(peer, false, format!("spare lost: {cause}"));
@@ -150,9 +173,19 @@ impl Machine {
         let cause = if delay.is_zero() {
             format!("{cause}; fencing {target}")
         } else {
-            format!("{cause}; fencing {target} after its fence delay of {}", fmt_dur(delay))
+            format!(
+                "{cause}; fencing {target} after its fence delay of {}",
+                fmt_dur(delay)
+            )
         };
-        self.transition(Phase::Fencing { target, attempt: 0, failover }, cause);
+        self.transition(
+            Phase::Fencing {
+                target,
+                attempt: 0,
+                failover,
+            },
+            cause,
+        );
         if delay.is_zero() {
             self.fence_now();
         } else {
@@ -162,7 +195,9 @@ impl Machine {
 
     /// The fence timer: ask for the fence.
     pub(super) fn fence_now(&mut self) {
-        let Phase::Fencing { target, .. } = &self.phase else { return };
+        let Phase::Fencing { target, .. } = &self.phase else {
+            return;
+        };
         let target = target.clone();
         if !self.in_flight(|o| matches!(o, Op::Fence { .. })) {
             self.issue(Op::Fence { node: target }, Why::Routine);
@@ -170,12 +205,19 @@ impl Machine {
     }
 
     pub(super) fn on_fence_done(&mut self, node: NodeId, outcome: Outcome) {
-        let Phase::Fencing { target, attempt, failover } = self.phase.clone() else {
+        let Phase::Fencing {
+            target,
+            attempt,
+            failover,
+        } = self.phase.clone()
+        else {
             self.notice(format!("late answer to fencing {node} ignored"));
             return;
         };
         match outcome {
-            Outcome::Ok(Answer::Fenced(r)) if r.covers(&target, &self.cfg.vm) => self.fenced(target, failover, r),
+            Outcome::Ok(Answer::Fenced(r)) if r.covers(&target, &self.cfg.vm) => {
+                self.fenced(target, failover, r)
+            }
             other => {
                 let f = match other {
                     Outcome::Ok(a) => Failure::new(
@@ -214,14 +256,26 @@ impl Machine {
             );
             return self.block(BlockedOn::FenceFailed { target }, reason);
         }
-        let backoff = p.fence_backoff.saturating_mul(1 << (n - 1).min(16)).min(p.fence_backoff_max);
-        self.phase = Phase::Fencing { target: target.clone(), attempt: n, failover };
-        self.notice(format!("fence attempt {n} of {target} failed: {f}; retrying in {}", fmt_dur(backoff)));
+        let backoff = p
+            .fence_backoff
+            .saturating_mul(1 << (n - 1).min(16))
+            .min(p.fence_backoff_max);
+        self.phase = Phase::Fencing {
+            target: target.clone(),
+            attempt: n,
+            failover,
+        };
+        self.notice(format!(
+            "fence attempt {n} of {target} failed: {f}; retrying in {}",
+            fmt_dur(backoff)
+        ));
         self.timers.fence = self.now + backoff;
     }
 
     pub(super) fn on_fence_check(&mut self, r: Observed) {
-        let Phase::FenceCheck { receipt } = self.phase.clone() else { return };
+        let Phase::FenceCheck { receipt } = self.phase.clone() else {
+            return;
+        };
         let peer = self.peer();
         match r {
             Ok((s, _)) if s.is_live() => {
@@ -230,8 +284,16 @@ impl Machine {
                 );
                 self.block(BlockedOn::LyingFencer { target: peer }, reason);
             }
-            Ok((s, _)) => self.begin_promote(receipt, format!("{peer} is fenced and its VM is {s}")),
-            Err(f) => self.begin_promote(receipt, format!("{peer} is fenced and its hypervisor is gone ({})", f.message)),
+            Ok((s, _)) => {
+                self.begin_promote(receipt, format!("{peer} is fenced and its VM is {s}"))
+            }
+            Err(f) => self.begin_promote(
+                receipt,
+                format!(
+                    "{peer} is fenced and its hypervisor is gone ({})",
+                    f.message
+                ),
+            ),
         }
     }
 
@@ -239,25 +301,64 @@ impl Machine {
     pub(super) fn begin_promote(&mut self, receipt: FenceReceipt, cause: String) {
         match self.newest {
             Some(n) => self.begin_promote_gen(receipt, n.generation, false, cause),
-            None => self.block(BlockedOn::NoGeneration, format!("{cause}; but there is no complete generation to start from")),
+            None => self.block(
+                BlockedOn::NoGeneration,
+                format!("{cause}; but there is no complete generation to start from"),
+            ),
         }
     }
 
-    pub(super) fn begin_promote_gen(&mut self, receipt: FenceReceipt, g: Generation, takeover: bool, cause: String) {
+    pub(super) fn begin_promote_gen(
+        &mut self,
+        receipt: FenceReceipt,
+        g: Generation,
+        takeover: bool,
+        cause: String,
+    ) {
         if let Some(t) = self.test.clone() {
-            self.notice(format!("destroying test clone {} before taking over", t.label));
-            self.issue(Op::DestroyTestClone { node: self.local(), label: t.label }, Why::Routine);
+            self.notice(format!(
+                "destroying test clone {} before taking over",
+                t.label
+            ));
+            self.issue(
+                Op::DestroyTestClone {
+                    node: self.local(),
+                    label: t.label,
+                },
+                Why::Routine,
+            );
         }
         let local = self.local();
         self.transition(
-            Phase::Promoting { receipt: receipt.clone(), generation: g, takeover },
+            Phase::Promoting {
+                receipt: receipt.clone(),
+                generation: g,
+                takeover,
+            },
             format!("{cause}; promoting {g} on {local}"),
         );
-        self.issue(Op::Promote { node: local.clone(), generation: g }, Why::Routine);
+        self.issue(
+            Op::Promote {
+                node: local.clone(),
+                generation: g,
+            },
+            Why::Routine,
+        );
         if self.bug(Bug::StartBeforePromote) {
             self.become_active(takeover, &receipt);
-            self.phase = Phase::Starting { receipt: receipt.clone(), generation: g, attempt: 0 };
-            self.issue(Op::StartVm { node: local, receipt, generation: Some(g) }, Why::Routine);
+            self.phase = Phase::Starting {
+                receipt: receipt.clone(),
+                generation: g,
+                attempt: 0,
+            };
+            self.issue(
+                Op::StartVm {
+                    node: local,
+                    receipt,
+                    generation: Some(g),
+                },
+                Why::Routine,
+            );
         }
     }
 
@@ -275,17 +376,38 @@ impl Machine {
     }
 
     pub(super) fn on_promote_done(&mut self, outcome: Outcome) {
-        let Phase::Promoting { receipt, generation, takeover } = self.phase.clone() else { return };
+        let Phase::Promoting {
+            receipt,
+            generation,
+            takeover,
+        } = self.phase.clone()
+        else {
+            return;
+        };
         match outcome {
             Outcome::Ok(Answer::Promoted(info)) => {
                 self.learn_generation(info, None);
                 self.become_active(takeover, &receipt);
                 let local = self.local();
                 self.transition(
-                    Phase::Starting { receipt: receipt.clone(), generation, attempt: 0 },
-                    format!("promoted {generation} on {local}; {local} is active at epoch {}", self.epoch),
+                    Phase::Starting {
+                        receipt: receipt.clone(),
+                        generation,
+                        attempt: 0,
+                    },
+                    format!(
+                        "promoted {generation} on {local}; {local} is active at epoch {}",
+                        self.epoch
+                    ),
                 );
-                self.issue(Op::StartVm { node: local, receipt, generation: Some(generation) }, Why::Routine);
+                self.issue(
+                    Op::StartVm {
+                        node: local,
+                        receipt,
+                        generation: Some(generation),
+                    },
+                    Why::Routine,
+                );
             }
             other => {
                 let f = failure(other, "promote");
@@ -294,7 +416,8 @@ impl Machine {
                     self.notice(format!("promoting {generation} failed: {f}; retrying"));
                     self.timers.retry = self.now + self.cfg.policy.retry_backoff;
                 } else {
-                    let reason = format!("promoting {generation} on {} failed: {f}", self.cfg.local);
+                    let reason =
+                        format!("promoting {generation} on {} failed: {f}", self.cfg.local);
                     self.block(BlockedOn::StartFailed, reason);
                 }
             }
@@ -303,26 +426,42 @@ impl Machine {
 
     pub(super) fn on_start_done(&mut self, outcome: Outcome, why: &Why) {
         match self.phase.clone() {
-            Phase::Starting { receipt, generation, attempt } => match outcome {
+            Phase::Starting {
+                receipt,
+                generation,
+                attempt,
+            } => match outcome {
                 Outcome::Ok(_) => {
                     self.local_state = Some(crate::hypervisor::VmState::Running);
                     let local = self.local();
-                    self.settle(format!("VM started on {local} from {generation} ({receipt})"));
+                    self.settle(format!(
+                        "VM started on {local} from {generation} ({receipt})"
+                    ));
                 }
                 other => {
                     let f = failure(other, "start");
                     if f.retryable && attempt + 1 < self.cfg.policy.restart_limit.max(1) {
-                        self.phase = Phase::Starting { receipt, generation, attempt: attempt + 1 };
+                        self.phase = Phase::Starting {
+                            receipt,
+                            generation,
+                            attempt: attempt + 1,
+                        };
                         self.notice(format!("starting the VM failed: {f}; retrying"));
                         self.timers.retry = self.now + self.cfg.policy.retry_backoff;
                     } else {
-                        let reason = format!("starting the VM on {} from {generation} failed: {f}", self.cfg.local);
+                        let reason = format!(
+                            "starting the VM on {} from {generation} failed: {f}",
+                            self.cfg.local
+                        );
                         self.block(BlockedOn::StartFailed, reason);
                     }
                 }
             },
             Phase::Restarting { .. } if *why == Why::Restart => self.restart_started(outcome),
-            Phase::HandingOver { step: HandoverStep::Abort, .. } => self.abort_started(outcome),
+            Phase::HandingOver {
+                step: HandoverStep::Abort,
+                ..
+            } => self.abort_started(outcome),
             _ => self.notice(format!("late answer to a start: {outcome:?}")),
         }
     }
@@ -333,16 +472,37 @@ impl Machine {
             return;
         }
         match self.phase.clone() {
-            Phase::Promoting { generation, .. } if !self.in_flight(|o| matches!(o, Op::Promote { .. })) => {
-                self.issue(Op::Promote { node: self.local(), generation }, Why::Routine);
+            Phase::Promoting { generation, .. }
+                if !self.in_flight(|o| matches!(o, Op::Promote { .. })) =>
+            {
+                self.issue(
+                    Op::Promote {
+                        node: self.local(),
+                        generation,
+                    },
+                    Why::Routine,
+                );
             }
-            Phase::Starting { receipt, generation, .. } if !self.in_flight(|o| matches!(o, Op::StartVm { .. })) => {
-                self.issue(Op::StartVm { node: self.local(), receipt, generation: Some(generation) }, Why::Routine);
+            Phase::Starting {
+                receipt,
+                generation,
+                ..
+            } if !self.in_flight(|o| matches!(o, Op::StartVm { .. })) => {
+                self.issue(
+                    Op::StartVm {
+                        node: self.local(),
+                        receipt,
+                        generation: Some(generation),
+                    },
+                    Why::Routine,
+                );
             }
             Phase::Restarting { .. } => self.restart_step(),
-            Phase::HandingOver { step: HandoverStep::Abort, .. } | Phase::TakingOver { .. } => {
-                self.observe_peer(Why::PeerReceipt)
+            Phase::HandingOver {
+                step: HandoverStep::Abort,
+                ..
             }
+            | Phase::TakingOver { .. } => self.observe_peer(Why::PeerReceipt),
             Phase::FenceCheck { .. } => self.observe_peer(Why::FenceCheck),
             Phase::Recovering => self.observe_local(Why::Recover),
             _ => {}

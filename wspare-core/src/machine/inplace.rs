@@ -13,7 +13,11 @@ impl Machine {
         }
         let p = &self.cfg.policy;
         let window = p.restart_window;
-        while self.restarts.front().is_some_and(|t| self.now - *t >= window) {
+        while self
+            .restarts
+            .front()
+            .is_some_and(|t| self.now - *t >= window)
+        {
             self.restarts.pop_front();
         }
         if self.restarts.len() as u32 >= p.restart_limit {
@@ -22,9 +26,17 @@ impl Machine {
         self.restarts.push_back(self.now);
         let n = self.restarts.len();
         let limit = p.restart_limit;
-        let receipt = if self.peer_lost { self.peer_receipt.clone() } else { None };
+        let receipt = if self.peer_lost {
+            self.peer_receipt.clone()
+        } else {
+            None
+        };
         self.transition(
-            Phase::Restarting { receipt, destroy_first: s == VmState::Crashed, receipt_tries: 0 },
+            Phase::Restarting {
+                receipt,
+                destroy_first: s == VmState::Crashed,
+                receipt_tries: 0,
+            },
             format!(
                 "the VM is {s} on {}; restarting it in place ({n} of {limit} within {})",
                 self.cfg.local,
@@ -37,7 +49,14 @@ impl Machine {
     /// Next step of a restart: destroy a crashed copy, prove the spare's copy
     /// off, start.
     pub(super) fn restart_step(&mut self) {
-        let Phase::Restarting { receipt, destroy_first, .. } = self.phase.clone() else { return };
+        let Phase::Restarting {
+            receipt,
+            destroy_first,
+            ..
+        } = self.phase.clone()
+        else {
+            return;
+        };
         let local = self.local();
         if destroy_first {
             if !self.in_flight(|o| matches!(o, Op::DestroyVm { .. })) {
@@ -45,7 +64,14 @@ impl Machine {
             }
         } else if let Some(receipt) = receipt {
             if !self.in_flight(|o| matches!(o, Op::StartVm { .. })) {
-                self.issue(Op::StartVm { node: local, receipt, generation: None }, Why::Restart);
+                self.issue(
+                    Op::StartVm {
+                        node: local,
+                        receipt,
+                        generation: None,
+                    },
+                    Why::Restart,
+                );
             }
         } else {
             self.observe_peer(Why::PeerReceipt);
@@ -55,15 +81,29 @@ impl Machine {
     pub(super) fn on_stopped(&mut self, outcome: Outcome, why: &Why) {
         match why {
             Why::Restart => {
-                let Phase::Restarting { receipt, receipt_tries, .. } = self.phase.clone() else { return };
+                let Phase::Restarting {
+                    receipt,
+                    receipt_tries,
+                    ..
+                } = self.phase.clone()
+                else {
+                    return;
+                };
                 match outcome {
                     Outcome::Ok(Answer::Stopped(_)) => {
-                        self.phase = Phase::Restarting { receipt, destroy_first: false, receipt_tries };
+                        self.phase = Phase::Restarting {
+                            receipt,
+                            destroy_first: false,
+                            receipt_tries,
+                        };
                         self.restart_step();
                     }
                     other => {
                         let f = failure(other, "destroy");
-                        let reason = format!("the crashed VM on {} could not be destroyed: {f}", self.cfg.local);
+                        let reason = format!(
+                            "the crashed VM on {} could not be destroyed: {f}",
+                            self.cfg.local
+                        );
                         self.block(BlockedOn::CrashLoop, reason);
                     }
                 }
@@ -79,13 +119,24 @@ impl Machine {
         let peer = self.peer();
         let tries_left = |t: u32, m: &Machine| t + 1 < m.cfg.policy.fence_attempts;
         match self.phase.clone() {
-            Phase::Restarting { receipt: None, destroy_first, receipt_tries } => match r {
+            Phase::Restarting {
+                receipt: None,
+                destroy_first,
+                receipt_tries,
+            } => match r {
                 Ok((_, Some(rc))) => {
-                    self.phase = Phase::Restarting { receipt: Some(rc), destroy_first, receipt_tries };
+                    self.phase = Phase::Restarting {
+                        receipt: Some(rc),
+                        destroy_first,
+                        receipt_tries,
+                    };
                     self.restart_step();
                 }
                 Ok((s, None)) if s.is_live() => {
-                    let reason = format!("the VM is {s} on spare {peer}: not restarting it on {}", self.cfg.local);
+                    let reason = format!(
+                        "the VM is {s} on spare {peer}: not restarting it on {}",
+                        self.cfg.local
+                    );
                     self.block(BlockedOn::SplitBrain, reason);
                 }
                 other => {
@@ -94,7 +145,11 @@ impl Machine {
                         Err(f) => f.message,
                     };
                     if tries_left(receipt_tries, self) {
-                        self.phase = Phase::Restarting { receipt: None, destroy_first, receipt_tries: receipt_tries + 1 };
+                        self.phase = Phase::Restarting {
+                            receipt: None,
+                            destroy_first,
+                            receipt_tries: receipt_tries + 1,
+                        };
                         self.timers.retry = self.now + self.cfg.policy.retry_backoff;
                     } else {
                         let reason = format!(
@@ -105,32 +160,48 @@ impl Machine {
                     }
                 }
             },
-            Phase::HandingOver { step: HandoverStep::Abort, .. } => match r {
+            Phase::HandingOver {
+                step: HandoverStep::Abort,
+                ..
+            } => match r {
                 Ok((_, Some(rc))) => {
                     if !self.in_flight(|o| matches!(o, Op::StartVm { .. })) {
-                        self.issue(Op::StartVm { node: self.local(), receipt: rc, generation: None }, Why::Handover);
+                        self.issue(
+                            Op::StartVm {
+                                node: self.local(),
+                                receipt: rc,
+                                generation: None,
+                            },
+                            Why::Handover,
+                        );
                     }
                 }
                 Ok((s, _)) if s.is_live() => {
-                    let reason = format!("switchover aborted, but the VM is {s} on {peer}: two copies may run");
+                    let reason = format!(
+                        "switchover aborted, but the VM is {s} on {peer}: two copies may run"
+                    );
                     self.block(BlockedOn::SplitBrain, reason);
                 }
                 _ => self.timers.retry = self.now + self.cfg.policy.retry_backoff,
             },
-            Phase::TakingOver { generation } => match r {
-                Ok((_, Some(rc))) => self.take_over(rc, generation),
-                Ok((s, _)) if s.is_live() => {
-                    self.settle(format!("{peer} offered the pair, but its VM is {s}: declining"));
-                }
-                _ => {
-                    self.retries += 1;
-                    if self.retries < self.cfg.policy.fence_attempts {
-                        self.timers.retry = self.now + self.cfg.policy.retry_backoff;
-                    } else {
-                        self.settle(format!("{peer} offered the pair, but its copy cannot be proven off: declining"));
+            Phase::TakingOver { generation } => {
+                match r {
+                    Ok((_, Some(rc))) => self.take_over(rc, generation),
+                    Ok((s, _)) if s.is_live() => {
+                        self.settle(format!(
+                            "{peer} offered the pair, but its VM is {s}: declining"
+                        ));
+                    }
+                    _ => {
+                        self.retries += 1;
+                        if self.retries < self.cfg.policy.fence_attempts {
+                            self.timers.retry = self.now + self.cfg.policy.retry_backoff;
+                        } else {
+                            self.settle(format!("{peer} offered the pair, but its copy cannot be proven off: declining"));
+                        }
                     }
                 }
-            },
+            }
             _ => {}
         }
     }
@@ -175,17 +246,30 @@ impl Machine {
             None
         };
         match why_not {
-            Some(w) => self.block(BlockedOn::CrashLoop, format!("{what}, and {w}; fix the VM, then resume")),
+            Some(w) => self.block(
+                BlockedOn::CrashLoop,
+                format!("{what}, and {w}; fix the VM, then resume"),
+            ),
             None => self.begin_handover(false, format!("{what}: handing the pair to {peer}")),
         }
     }
 
     /// Starts a hand-over: stop here, final sync, (verify), offer.
     pub(super) fn begin_handover(&mut self, planned: bool, cause: String) {
-        self.transition(Phase::HandingOver { step: HandoverStep::Stop, planned, generation: None }, cause);
+        self.transition(
+            Phase::HandingOver {
+                step: HandoverStep::Stop,
+                planned,
+                generation: None,
+            },
+            cause,
+        );
         let local = self.local();
         let op = if planned {
-            Op::StopVm { node: local, timeout: self.cfg.policy.shutdown_timeout }
+            Op::StopVm {
+                node: local,
+                timeout: self.cfg.policy.shutdown_timeout,
+            }
         } else {
             Op::DestroyVm { node: local }
         };
@@ -193,11 +277,22 @@ impl Machine {
     }
 
     fn handover_stopped(&mut self, outcome: Outcome) {
-        let Phase::HandingOver { step: HandoverStep::Stop, planned, .. } = self.phase.clone() else { return };
+        let Phase::HandingOver {
+            step: HandoverStep::Stop,
+            planned,
+            ..
+        } = self.phase.clone()
+        else {
+            return;
+        };
         match outcome {
             Outcome::Ok(Answer::Stopped(_)) => {
                 self.local_state = Some(VmState::ShutOff);
-                self.phase = Phase::HandingOver { step: HandoverStep::FinalSync, planned, generation: None };
+                self.phase = Phase::HandingOver {
+                    step: HandoverStep::FinalSync,
+                    planned,
+                    generation: None,
+                };
                 let (source, target) = (self.local(), self.peer());
                 self.notice(format!("VM stopped on {source}; final sync to {target}"));
                 self.issue(Op::Sync { source, target }, Why::Handover);
@@ -206,9 +301,15 @@ impl Machine {
                 let f = failure(other, "stop");
                 if planned {
                     self.observe_local(Why::Routine);
-                    self.settle(format!("switchover aborted: shutting the VM down on {} failed: {f}", self.cfg.local));
+                    self.settle(format!(
+                        "switchover aborted: shutting the VM down on {} failed: {f}",
+                        self.cfg.local
+                    ));
                 } else {
-                    let reason = format!("could not stop the VM on {} to hand it over: {f}", self.cfg.local);
+                    let reason = format!(
+                        "could not stop the VM on {} to hand it over: {f}",
+                        self.cfg.local
+                    );
                     self.block(BlockedOn::CrashLoop, reason);
                 }
             }
@@ -216,13 +317,24 @@ impl Machine {
     }
 
     pub(super) fn handover_synced(&mut self, outcome: Outcome) {
-        let Phase::HandingOver { step: HandoverStep::FinalSync, planned, .. } = self.phase.clone() else { return };
+        let Phase::HandingOver {
+            step: HandoverStep::FinalSync,
+            planned,
+            ..
+        } = self.phase.clone()
+        else {
+            return;
+        };
         match outcome {
             Outcome::Ok(Answer::Generation { info, age }) => {
                 self.learn_generation(info, Some(age));
                 let g = info.generation;
                 if planned {
-                    self.phase = Phase::HandingOver { step: HandoverStep::Verify, planned, generation: Some(g) };
+                    self.phase = Phase::HandingOver {
+                        step: HandoverStep::Verify,
+                        planned,
+                        generation: Some(g),
+                    };
                     self.issue(Op::Verify { generation: g }, Why::Handover);
                 } else {
                     self.offer(g);
@@ -233,7 +345,10 @@ impl Machine {
                 if planned {
                     self.abort_handover(format!("the final sync failed: {f}"));
                 } else if let Some(n) = self.newest {
-                    self.notice(format!("the final sync failed: {f}; offering {}", n.generation));
+                    self.notice(format!(
+                        "the final sync failed: {f}; offering {}",
+                        n.generation
+                    ));
                     self.offer(n.generation);
                 }
             }
@@ -241,7 +356,12 @@ impl Machine {
     }
 
     pub(super) fn on_verify_done(&mut self, outcome: Outcome) {
-        let Phase::HandingOver { step: HandoverStep::Verify, generation: Some(g), .. } = self.phase.clone() else {
+        let Phase::HandingOver {
+            step: HandoverStep::Verify,
+            generation: Some(g),
+            ..
+        } = self.phase.clone()
+        else {
             return;
         };
         match outcome {
@@ -254,15 +374,32 @@ impl Machine {
     }
 
     fn offer(&mut self, g: Generation) {
-        let Phase::HandingOver { planned, .. } = self.phase.clone() else { return };
-        self.phase = Phase::HandingOver { step: HandoverStep::Offered, planned, generation: Some(g) };
-        self.notice(format!("the VM is stopped on {} and {g} is on {}; offering the pair", self.cfg.local, self.peer()));
+        let Phase::HandingOver { planned, .. } = self.phase.clone() else {
+            return;
+        };
+        self.phase = Phase::HandingOver {
+            step: HandoverStep::Offered,
+            planned,
+            generation: Some(g),
+        };
+        self.notice(format!(
+            "the VM is stopped on {} and {g} is on {}; offering the pair",
+            self.cfg.local,
+            self.peer()
+        ));
         self.timers.handover = self.now + self.cfg.policy.handover_timeout;
     }
 
     /// The handover timer: the peer never took over.
     pub(super) fn handover_expired(&mut self) {
-        let Phase::HandingOver { step: HandoverStep::Offered, generation, .. } = self.phase.clone() else { return };
+        let Phase::HandingOver {
+            step: HandoverStep::Offered,
+            generation,
+            ..
+        } = self.phase.clone()
+        else {
+            return;
+        };
         let reason = format!(
             "offered the pair to {} with {} and it did not take over within {}; the VM is stopped on {}: resume to start it here again",
             self.peer(),
@@ -275,8 +412,15 @@ impl Machine {
 
     /// A planned switchover failed before the offer: start the VM here again.
     fn abort_handover(&mut self, reason: String) {
-        self.phase = Phase::HandingOver { step: HandoverStep::Abort, planned: true, generation: None };
-        self.notice(format!("switchover aborted: {reason}; starting the VM on {} again", self.cfg.local));
+        self.phase = Phase::HandingOver {
+            step: HandoverStep::Abort,
+            planned: true,
+            generation: None,
+        };
+        self.notice(format!(
+            "switchover aborted: {reason}; starting the VM on {} again",
+            self.cfg.local
+        ));
         self.observe_peer(Why::PeerReceipt);
     }
 
@@ -289,7 +433,10 @@ impl Machine {
             }
             other => {
                 let f = failure(other, "start");
-                let reason = format!("switchover aborted, and starting the VM on {} again failed: {f}", self.cfg.local);
+                let reason = format!(
+                    "switchover aborted, and starting the VM on {} again failed: {f}",
+                    self.cfg.local
+                );
                 self.block(BlockedOn::StartFailed, reason);
             }
         }
@@ -297,13 +444,19 @@ impl Machine {
 
     /// The active offered the pair to this spare.
     pub(super) fn begin_takeover(&mut self, g: Generation) {
-        let ok = matches!(self.phase, Phase::Protected | Phase::Degraded { .. } | Phase::Seeding | Phase::Suspect);
+        let ok = matches!(
+            self.phase,
+            Phase::Protected | Phase::Degraded { .. } | Phase::Seeding | Phase::Suspect
+        );
         if !ok || self.maintenance || self.stale_floor.is_some() {
             return;
         }
         self.retries = 0;
         let peer = self.peer();
-        self.transition(Phase::TakingOver { generation: g }, format!("{peer} offered the pair with {g}"));
+        self.transition(
+            Phase::TakingOver { generation: g },
+            format!("{peer} offered the pair with {g}"),
+        );
         self.observe_peer(Why::PeerReceipt);
     }
 

@@ -20,10 +20,10 @@
 //! returning old primary learns that its copy is stale.
 //!
 //! The phases and their transitions are in `ARCHITECTURE.md`; the module
-//! files hold them by topic: [`steady`] (monitoring, replication, degraded),
-//! [`failover`] (suspect, fence, promote, start), [`inplace`] (restarts and
-//! hand-overs), [`recovery`] (restore, unknown outcomes, epochs),
-//! [`commands`] (operator commands and test failover).
+//! files hold them by topic: `steady` (monitoring, replication, degraded),
+//! `failover` (suspect, fence, promote, start), `inplace` (restarts and
+//! hand-overs), `recovery` (restore, unknown outcomes, epochs),
+//! `commands` (operator commands and test failover).
 
 mod action;
 mod commands;
@@ -267,7 +267,10 @@ impl Machine {
         let mut m = Machine::blank(cfg, now, active);
         m.phase = Phase::Seeding;
         m.emit(
-            EventKind::Transition { from: PhaseName::Seeding, to: PhaseName::Seeding },
+            EventKind::Transition {
+                from: PhaseName::Seeding,
+                to: PhaseName::Seeding,
+            },
             format!("pair created; {} is active", m.active),
         );
         m.arm_steady_timers();
@@ -359,7 +362,11 @@ impl Machine {
     /// The view to send the peer in heartbeats.
     pub fn view(&self) -> PeerView {
         let handover = match &self.phase {
-            Phase::HandingOver { step: HandoverStep::Offered, generation, .. } => *generation,
+            Phase::HandingOver {
+                step: HandoverStep::Offered,
+                generation,
+                ..
+            } => *generation,
             _ => None,
         };
         PeerView {
@@ -389,7 +396,11 @@ impl Machine {
             newest: self.newest,
             newest_age: self.age(),
             peer_suspected: self.detector.is_suspected(),
-            test_clone: self.test.as_ref().filter(|t| t.running).map(|t| t.generation),
+            test_clone: self
+                .test
+                .as_ref()
+                .filter(|t| t.running)
+                .map(|t| t.generation),
             pending: self.pending.len(),
         }
     }
@@ -496,7 +507,10 @@ impl Machine {
     fn release_held(&mut self) {
         for p in self.pending.iter_mut().filter(|p| p.held) {
             p.held = false;
-            self.actions.push_back(Action { id: p.id, op: p.op.clone() });
+            self.actions.push_back(Action {
+                id: p.id,
+                op: p.op.clone(),
+            });
         }
     }
 
@@ -541,7 +555,13 @@ impl Machine {
             || matches!(to, Phase::Blocked { .. });
         self.phase = to;
         if changed {
-            self.emit(EventKind::Transition { from, to: self.phase.name() }, cause);
+            self.emit(
+                EventKind::Transition {
+                    from,
+                    to: self.phase.name(),
+                },
+                cause,
+            );
         }
     }
 
@@ -551,7 +571,13 @@ impl Machine {
         self.timers.retry = Instant::NEVER;
         self.timers.handover = Instant::NEVER;
         self.timers.confirm = Instant::NEVER;
-        self.transition(Phase::Blocked { on, reason: reason.clone() }, reason);
+        self.transition(
+            Phase::Blocked {
+                on,
+                reason: reason.clone(),
+            },
+            reason,
+        );
     }
 
     /// Age of the newest generation now.
@@ -574,13 +600,16 @@ impl Machine {
 
     fn arm_stale_timer(&mut self) {
         self.timers.stale = match self.newest_age {
-            Some((age, at)) if age < self.cfg.policy.data_loss_bound => at + (self.cfg.policy.data_loss_bound - age),
+            Some((age, at)) if age < self.cfg.policy.data_loss_bound => {
+                at + (self.cfg.policy.data_loss_bound - age)
+            }
             _ => Instant::NEVER,
         };
     }
 
     fn is_stale(&self) -> bool {
-        self.age().is_some_and(|a| a > self.cfg.policy.data_loss_bound)
+        self.age()
+            .is_some_and(|a| a > self.cfg.policy.data_loss_bound)
     }
 
     fn on_done(&mut self, id: ActionId, outcome: Outcome) {
@@ -709,7 +738,10 @@ fn failure(outcome: Outcome, what: &str) -> Failure {
     match outcome {
         Outcome::Failed(f) => f,
         Outcome::Unknown => Failure::new(ErrorKind::Backend, format!("{what}: outcome unknown")),
-        Outcome::Ok(a) => Failure::new(ErrorKind::Backend, format!("{what}: unexpected answer {a:?}")),
+        Outcome::Ok(a) => Failure::new(
+            ErrorKind::Backend,
+            format!("{what}: unexpected answer {a:?}"),
+        ),
     }
 }
 

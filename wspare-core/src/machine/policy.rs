@@ -156,7 +156,9 @@ impl Policy {
                 humantime::format_duration(self.sync_interval)
             ));
         }
-        self.detector.validate().map_err(|e| format!("detector.{e}"))
+        self.detector
+            .validate()
+            .map_err(|e| format!("detector.{e}"))
     }
 }
 
@@ -200,7 +202,12 @@ impl Bugs {
             "repeat-unknown-action" => self.repeat_unknown_action = true,
             "trust-lying-fencer" => self.trust_lying_fencer = true,
             "start-stale-primary" => self.start_stale_primary = true,
-            other => return Err(format!("unknown bug {other:?}; known: {}", Self::NAMES.join(", "))),
+            other => {
+                return Err(format!(
+                    "unknown bug {other:?}; known: {}",
+                    Self::NAMES.join(", ")
+                ))
+            }
         }
         Ok(())
     }

@@ -38,7 +38,11 @@ impl Machine {
         m.needs_initial = snap.needs_initial;
         m.accept_data_loss = snap.accept_data_loss;
         m.timers.monitor = now + m.cfg.policy.monitor_interval;
-        m.notice(format!("restored from the journal in phase {} at epoch {}", m.phase.name(), m.epoch));
+        m.notice(format!(
+            "restored from the journal in phase {} at epoch {}",
+            m.phase.name(),
+            m.epoch
+        ));
         let mut unknown = Vec::new();
         for p in snap.pending {
             if p.held {
@@ -58,7 +62,10 @@ impl Machine {
             Phase::Fencing { .. } if !unknown.iter().any(|p| matches!(p.op, Op::Fence { .. })) => {
                 m.timers.fence = now + m.cfg.peer_fence_delay;
             }
-            Phase::HandingOver { step: HandoverStep::Offered, .. } => {
+            Phase::HandingOver {
+                step: HandoverStep::Offered,
+                ..
+            } => {
                 m.timers.handover = now + m.cfg.policy.handover_timeout;
             }
             Phase::Blocked { .. } | Phase::Fencing { .. } => {}
@@ -66,7 +73,10 @@ impl Machine {
             _ => {}
         }
         for p in unknown {
-            m.notice(format!("outcome of {} ({}) unknown after the restart; observing first", p.op, p.id));
+            m.notice(format!(
+                "outcome of {} ({}) unknown after the restart; observing first",
+                p.op, p.id
+            ));
             m.on_unknown(p.op, p.why);
         }
         Ok(m)
@@ -93,7 +103,10 @@ impl Machine {
             }
             return;
         };
-        let peer_seen = self.peer_view.as_ref().is_some_and(|(_, t)| *t >= self.recover_since);
+        let peer_seen = self
+            .peer_view
+            .as_ref()
+            .is_some_and(|(_, t)| *t >= self.recover_since);
         if !peer_seen && !deadline_passed {
             return;
         }
@@ -101,8 +114,14 @@ impl Machine {
         let (local, peer) = (self.local(), self.peer());
         if self.is_active() {
             if local_state.is_live() {
-                let how = if peer_seen { format!("{peer} agrees") } else { format!("no word from {peer}") };
-                self.settle(format!("recovered: the VM is {local_state} on {local}; {how}"));
+                let how = if peer_seen {
+                    format!("{peer} agrees")
+                } else {
+                    format!("no word from {peer}")
+                };
+                self.settle(format!(
+                    "recovered: the VM is {local_state} on {local}; {how}"
+                ));
             } else if peer_seen || self.peer_lost {
                 self.settle(format!("recovered as active; the VM is {local_state}"));
                 if self.phase.is_steady() {
@@ -110,7 +129,11 @@ impl Machine {
                 }
             } else if self.bug(Bug::StartStalePrimary) {
                 let r = FenceReceipt::from_operator(peer, UnixMillis(0));
-                self.phase = Phase::Restarting { receipt: Some(r), destroy_first: false, receipt_tries: 0 };
+                self.phase = Phase::Restarting {
+                    receipt: Some(r),
+                    destroy_first: false,
+                    receipt_tries: 0,
+                };
                 self.restart_step();
             } else {
                 let reason = format!(
@@ -133,14 +156,26 @@ impl Machine {
     /// The peer's view carries a newer epoch: it took over (or was handed
     /// the pair). A copy that was active here is stale from now on.
     pub(super) fn adopt(&mut self, v: &PeerView) {
+        if v.active == self.cfg.local {
+            // Only this node can make itself active (by promoting, journaled
+            // before it starts); a peer saying so is confused, not evidence.
+            self.notice(format!(
+                "{} claims this node is active at epoch {}; ignored (this node is at {})",
+                self.peer(),
+                v.epoch,
+                self.epoch
+            ));
+            return;
+        }
         let was_active = self.is_active();
         self.epoch = v.epoch;
         self.active = v.active.clone();
-        if self.is_active() {
-            self.notice(format!("{} reports this node active at epoch {}", self.peer(), v.epoch));
-            return;
-        }
-        self.stale_floor = Some(v.newest.map(|g| g.generation).or(self.newest.map(|g| g.generation)).unwrap_or_default());
+        self.stale_floor = Some(
+            v.newest
+                .map(|g| g.generation)
+                .or(self.newest.map(|g| g.generation))
+                .unwrap_or_default(),
+        );
         if let Some(g) = v.newest {
             self.learn_generation(g, v.newest_age);
         }
@@ -154,7 +189,9 @@ impl Machine {
         self.timers.sync = Instant::NEVER;
         self.timers.retry = Instant::NEVER;
         self.timers.fence = Instant::NEVER;
-        if self.phase == Phase::Recovering || !was_active && matches!(self.phase, Phase::Blocked { .. }) {
+        if self.phase == Phase::Recovering
+            || !was_active && matches!(self.phase, Phase::Blocked { .. })
+        {
             return;
         }
         let cause = format!(
@@ -177,7 +214,10 @@ impl Machine {
             Op::Observe { .. } | Op::QueryReplica | Op::PowerStatus { .. } | Op::Verify { .. } => {
                 self.issue(op, why);
             }
-            Op::Sync { .. } | Op::InitialSync { .. } | Op::ReverseReplication { .. } | Op::Promote { .. } => {
+            Op::Sync { .. }
+            | Op::InitialSync { .. }
+            | Op::ReverseReplication { .. }
+            | Op::Promote { .. } => {
                 self.issue(Op::QueryReplica, orig);
             }
             Op::Fence { node } => {
@@ -187,7 +227,9 @@ impl Machine {
                 self.issue(Op::Observe { node }, orig);
             }
             Op::StartTestClone { node, label, .. } => {
-                self.notice(format!("test clone {label} state unknown after the restart; destroying it"));
+                self.notice(format!(
+                    "test clone {label} state unknown after the restart; destroying it"
+                ));
                 self.issue(Op::DestroyTestClone { node, label }, Why::Routine);
             }
             // Idempotent by contract, and nothing can observe a clone.
@@ -210,14 +252,22 @@ impl Machine {
                 let after = self.newest;
                 let synthetic = match after {
                     Some(info) if Some(info.generation) > before => {
-                        Outcome::Ok(Answer::Generation { info, age: self.age().unwrap_or_default() })
+                        Outcome::Ok(Answer::Generation {
+                            info,
+                            age: self.age().unwrap_or_default(),
+                        })
                     }
-                    _ => Outcome::failed(ErrorKind::Backend, "sync interrupted by a restart; no new generation on the target"),
+                    _ => Outcome::failed(
+                        ErrorKind::Backend,
+                        "sync interrupted by a restart; no new generation on the target",
+                    ),
                 };
                 self.dispatch(op, why, synthetic);
             }
             Op::ReverseReplication { source, .. } => match outcome {
-                Outcome::Ok(Answer::Replica(r)) if r.source == *source => self.dispatch(op, why, Outcome::Ok(Answer::Done)),
+                Outcome::Ok(Answer::Replica(r)) if r.source == *source => {
+                    self.dispatch(op, why, Outcome::Ok(Answer::Done))
+                }
                 _ => {
                     self.issue(op, why);
                 }
@@ -230,7 +280,9 @@ impl Machine {
             }
             Op::Fence { node } => {
                 let synthetic = match outcome {
-                    Outcome::Ok(Answer::Power { receipt: Some(r), .. }) => Outcome::Ok(Answer::Fenced(r)),
+                    Outcome::Ok(Answer::Power {
+                        receipt: Some(r), ..
+                    }) => Outcome::Ok(Answer::Fenced(r)),
                     Outcome::Ok(Answer::Power { state, .. }) => Outcome::failed(
                         ErrorKind::Backend,
                         format!("fencing {node} was interrupted by a restart; it reads {state}"),
@@ -243,7 +295,10 @@ impl Machine {
             Op::StartVm { .. } => {
                 let synthetic = match observed(outcome) {
                     Ok((s, _)) if s.is_live() => Outcome::Ok(Answer::Done),
-                    Ok((s, _)) => Outcome::failed(ErrorKind::Backend, format!("start interrupted by a restart; the VM is {s}")),
+                    Ok((s, _)) => Outcome::failed(
+                        ErrorKind::Backend,
+                        format!("start interrupted by a restart; the VM is {s}"),
+                    ),
                     Err(f) => Outcome::Failed(f),
                 };
                 self.dispatch(op, why, synthetic);

@@ -14,7 +14,12 @@ impl Machine {
         if self.is_active() {
             self.timers.query = Instant::NEVER;
             if self.timers.sync == Instant::NEVER
-                && !self.in_flight(|o| matches!(o, Op::Sync { .. } | Op::InitialSync { .. } | Op::ReverseReplication { .. }))
+                && !self.in_flight(|o| {
+                    matches!(
+                        o,
+                        Op::Sync { .. } | Op::InitialSync { .. } | Op::ReverseReplication { .. }
+                    )
+                })
             {
                 self.timers.sync = now;
             }
@@ -41,12 +46,19 @@ impl Machine {
 
     fn on_peer_view(&mut self, v: PeerView) {
         if v.active != self.cfg.primary && v.active != self.cfg.spare {
-            self.notice(format!("view from {} names {} active, which is not in the pair; ignored", self.peer(), v.active));
+            self.notice(format!(
+                "view from {} names {} active, which is not in the pair; ignored",
+                self.peer(),
+                v.active
+            ));
             return;
         }
         if v.epoch > self.epoch && !self.bug(Bug::IgnoreGeneration) {
             self.adopt(&v);
-        } else if v.epoch == self.epoch && v.active != self.active && !matches!(self.phase, Phase::Blocked { .. }) {
+        } else if v.epoch == self.epoch
+            && v.active != self.active
+            && !matches!(self.phase, Phase::Blocked { .. })
+        {
             let reason = format!(
                 "{} says {} is active at epoch {}, this node says {}: two copies may run",
                 self.peer(),
@@ -66,14 +78,27 @@ impl Machine {
                 }
             }
         }
-        let acking = matches!(v.phase, PhaseName::TakingOver | PhaseName::Promoting | PhaseName::Starting);
+        let acking = matches!(
+            v.phase,
+            PhaseName::TakingOver | PhaseName::Promoting | PhaseName::Starting
+        );
         self.peer_view = Some((v, self.now));
-        if acking && matches!(self.phase, Phase::HandingOver { step: HandoverStep::Offered, .. }) {
+        if acking
+            && matches!(
+                self.phase,
+                Phase::HandingOver {
+                    step: HandoverStep::Offered,
+                    ..
+                }
+            )
+        {
             self.timers.handover = self.now + self.cfg.policy.handover_timeout;
         }
         match self.phase {
             Phase::Recovering => self.finish_recovery(false),
-            _ if self.is_active() && self.peer_lost && !self.detector.is_suspected() => self.peer_returned(),
+            _ if self.is_active() && self.peer_lost && !self.detector.is_suspected() => {
+                self.peer_returned()
+            }
             _ => self.resettle(),
         }
     }
@@ -85,7 +110,9 @@ impl Machine {
             Phase::Suspect => self.settle(format!("heartbeats from {peer} resumed")),
             Phase::Fencing { .. } if !self.in_flight(|o| matches!(o, Op::Fence { .. })) => {
                 self.timers.fence = Instant::NEVER;
-                self.settle(format!("heartbeats from {peer} resumed before it was fenced"))
+                self.settle(format!(
+                    "heartbeats from {peer} resumed before it was fenced"
+                ))
             }
             _ if self.is_active() && self.peer_lost => self.peer_returned(),
             _ => self.resettle(),
@@ -189,14 +216,22 @@ impl Machine {
         let drives = self.is_active()
             && !self.maintenance
             && !self.peer_lost
-            && matches!(self.phase, Phase::Seeding | Phase::Protected | Phase::Degraded { .. } | Phase::Resyncing);
+            && matches!(
+                self.phase,
+                Phase::Seeding | Phase::Protected | Phase::Degraded { .. } | Phase::Resyncing
+            );
         if !drives || self.detector.is_suspected() {
             if self.is_active() {
                 self.timers.sync = self.now + interval;
             }
             return;
         }
-        if self.in_flight(|o| matches!(o, Op::Sync { .. } | Op::InitialSync { .. } | Op::ReverseReplication { .. })) {
+        if self.in_flight(|o| {
+            matches!(
+                o,
+                Op::Sync { .. } | Op::InitialSync { .. } | Op::ReverseReplication { .. }
+            )
+        }) {
             return;
         }
         let (source, target) = (self.local(), self.peer());
@@ -213,7 +248,10 @@ impl Machine {
         match outcome {
             Outcome::Ok(_) => {
                 self.needs_reverse = false;
-                self.notice(format!("replication reversed: {source} -> {}", self.cfg.other(&source)));
+                self.notice(format!(
+                    "replication reversed: {source} -> {}",
+                    self.cfg.other(&source)
+                ));
                 self.sync_cycle();
             }
             other => {
@@ -252,7 +290,12 @@ impl Machine {
             }
             other => {
                 let f = failure(other, "sync");
-                self.timers.sync = self.now + self.cfg.policy.retry_backoff.min(self.cfg.policy.sync_interval);
+                self.timers.sync = self.now
+                    + self
+                        .cfg
+                        .policy
+                        .retry_backoff
+                        .min(self.cfg.policy.sync_interval);
                 self.last_sync_error = Some(f);
                 self.resettle();
             }
@@ -262,7 +305,9 @@ impl Machine {
     /// The steady phase the facts call for.
     fn steady_target(&self) -> Phase {
         let bound = humantime::format_duration(self.cfg.policy.data_loss_bound);
-        let stale_reason = |g: Generation| format!("newest generation {g} is older than the data-loss bound ({bound})");
+        let stale_reason = |g: Generation| {
+            format!("newest generation {g} is older than the data-loss bound ({bound})")
+        };
         if self.is_active() {
             if self.peer_lost {
                 return Phase::Unprotected;
@@ -276,7 +321,11 @@ impl Machine {
             let reason = if self.detector.is_suspected() {
                 Some(format!("no heartbeat from {}", self.peer()))
             } else if let Some(f) = &self.last_sync_error {
-                Some(format!("replication to {} failing: {}", self.peer(), f.message))
+                Some(format!(
+                    "replication to {} failing: {}",
+                    self.peer(),
+                    f.message
+                ))
             } else if self.is_stale() {
                 self.newest.map(|n| stale_reason(n.generation))
             } else {
@@ -294,7 +343,9 @@ impl Machine {
             }
             match self.newest {
                 None => Phase::Seeding,
-                Some(n) if self.is_stale() => Phase::Degraded { reason: stale_reason(n.generation) },
+                Some(n) if self.is_stale() => Phase::Degraded {
+                    reason: stale_reason(n.generation),
+                },
                 Some(_) => Phase::Protected,
             }
         }
@@ -304,7 +355,11 @@ impl Machine {
         match to {
             Phase::Degraded { reason } => reason.clone(),
             Phase::Protected => match self.newest {
-                Some(n) => format!("complete generation {} on {}", n.generation, self.cfg.other(&self.active)),
+                Some(n) => format!(
+                    "complete generation {} on {}",
+                    n.generation,
+                    self.cfg.other(&self.active)
+                ),
                 None => "protected".into(),
             },
             Phase::Unprotected => format!("{} is down; no spare", self.peer()),
@@ -319,7 +374,10 @@ impl Machine {
     pub(super) fn settle(&mut self, cause: impl Into<String>) {
         self.retries = 0;
         self.suspect_confirmed = None;
-        if self.stale_floor.is_some_and(|f| self.newest.is_some_and(|n| n.generation > f)) {
+        if self
+            .stale_floor
+            .is_some_and(|f| self.newest.is_some_and(|n| n.generation > f))
+        {
             self.stale_floor = None;
         }
         let to = self.steady_target();
@@ -335,7 +393,10 @@ impl Machine {
         if !self.phase.is_steady() {
             return;
         }
-        if self.stale_floor.is_some_and(|f| self.newest.is_some_and(|n| n.generation > f)) {
+        if self
+            .stale_floor
+            .is_some_and(|f| self.newest.is_some_and(|n| n.generation > f))
+        {
             self.stale_floor = None;
         }
         let to = self.steady_target();

@@ -235,12 +235,21 @@ impl Command {
 
     /// Turns a finished child's results into `Ok(Output)` or the error,
     /// by the accepted exit codes. Every runner ends here.
-    pub fn finish(&self, code: Option<i32>, stdout: Vec<u8>, stderr: Vec<u8>) -> Result<Output, CommandError> {
+    pub fn finish(
+        &self,
+        code: Option<i32>,
+        stdout: Vec<u8>,
+        stderr: Vec<u8>,
+    ) -> Result<Output, CommandError> {
         let secrets = self.secrets();
         let stdout = redact(&String::from_utf8_lossy(&stdout), &secrets);
         let stderr = redact(&String::from_utf8_lossy(&stderr), &secrets);
         match code {
-            Some(c) if self.ok_codes.contains(&c) => Ok(Output { code: c, stdout, stderr }),
+            Some(c) if self.ok_codes.contains(&c) => Ok(Output {
+                code: c,
+                stdout,
+                stderr,
+            }),
             _ => Err(CommandError::Exit {
                 argv: DisplayArgv(self.argv()),
                 code,
@@ -290,7 +299,11 @@ pub struct DisplayArgv(pub Vec<String>);
 
 impl fmt::Display for DisplayArgv {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let quoted: Vec<String> = self.0.iter().map(|a| crate::runner::quote::sh_quote(a)).collect();
+        let quoted: Vec<String> = self
+            .0
+            .iter()
+            .map(|a| crate::runner::quote::sh_quote(a))
+            .collect();
         f.write_str(&quoted.join(" "))
     }
 }
@@ -380,7 +393,9 @@ impl CommandError {
     /// The stderr tail (empty for spawn and I/O errors).
     pub fn stderr_tail(&self) -> &str {
         match self {
-            CommandError::Exit { stderr_tail, .. } | CommandError::Timeout { stderr_tail, .. } => stderr_tail,
+            CommandError::Exit { stderr_tail, .. } | CommandError::Timeout { stderr_tail, .. } => {
+                stderr_tail
+            }
             _ => "",
         }
     }
@@ -401,10 +416,14 @@ impl BackendError for CommandError {
         match self {
             CommandError::Timeout { .. } => ErrorKind::Timeout,
             // ssh's own failures (connection refused, no route) exit 255.
-            CommandError::Exit { code: Some(255), argv, .. } if argv.0.first().is_some_and(|p| p == "ssh") => {
-                ErrorKind::Unreachable
+            CommandError::Exit {
+                code: Some(255),
+                argv,
+                ..
+            } if argv.0.first().is_some_and(|p| p == "ssh") => ErrorKind::Unreachable,
+            CommandError::Spawn { .. } | CommandError::Exit { .. } | CommandError::Io { .. } => {
+                ErrorKind::Backend
             }
-            CommandError::Spawn { .. } | CommandError::Exit { .. } | CommandError::Io { .. } => ErrorKind::Backend,
         }
     }
 
@@ -441,9 +460,14 @@ mod tests {
             .secret_stdin(Secret::new("pw123"))
             .ok_exit_codes(&[2]);
         assert_eq!(c.finish(Some(2), b"off".to_vec(), vec![]).unwrap().code, 2);
-        let e = c.finish(Some(1), vec![], b"bad password pw123\n".to_vec()).unwrap_err();
+        let e = c
+            .finish(Some(1), vec![], b"bad password pw123\n".to_vec())
+            .unwrap_err();
         let msg = e.to_string();
-        assert_eq!(msg, "`fence_x -o` failed with exit code 1; stderr: bad password <redacted>");
+        assert_eq!(
+            msg,
+            "`fence_x -o` failed with exit code 1; stderr: bad password <redacted>"
+        );
         assert_eq!(e.exit_code(), Some(1));
         assert!(format!("{c:?}").contains("<redacted>"));
         assert!(!format!("{c:?}").contains("pw123"));

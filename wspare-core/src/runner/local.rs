@@ -33,7 +33,9 @@ impl Drop for GroupKill {
 /// Sends SIGKILL to process group `pgid`.
 #[allow(unsafe_code)]
 fn kill_group(pgid: u32) {
-    let Ok(pgid) = libc::pid_t::try_from(pgid) else { return };
+    let Ok(pgid) = libc::pid_t::try_from(pgid) else {
+        return;
+    };
     if pgid <= 1 {
         return;
     }
@@ -80,7 +82,11 @@ impl CommandRunner for LocalRunner {
     ) -> Result<Output, CommandError> {
         let mut c = tokio::process::Command::new(cmd.program());
         c.args(cmd.get_args())
-            .stdin(if cmd.stdin_exposed().is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if cmd.stdin_exposed().is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -99,7 +105,10 @@ impl CommandRunner for LocalRunner {
         let stderr = child.stderr.take().expect("piped stderr");
         let mut out = Vec::new();
         let mut err = Vec::new();
-        let io_err = |e| CommandError::Io { argv: super::DisplayArgv(cmd.argv()), source: e };
+        let io_err = |e| CommandError::Io {
+            argv: super::DisplayArgv(cmd.argv()),
+            source: e,
+        };
         let work = async {
             let write = async {
                 if let (Some(mut s), Some(data)) = (stdin, cmd.stdin_exposed()) {
@@ -108,7 +117,11 @@ impl CommandRunner for LocalRunner {
                     let _ = s.shutdown().await;
                 }
             };
-            let (_, ro, re) = tokio::join!(write, read_all(stdout, &mut out, on_line), read_all(stderr, &mut err, None));
+            let (_, ro, re) = tokio::join!(
+                write,
+                read_all(stdout, &mut out, on_line),
+                read_all(stderr, &mut err, None)
+            );
             ro?;
             re?;
             child.wait().await
@@ -149,13 +162,19 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.exit_code(), Some(3));
-        assert_eq!(e.to_string(), "`sh -c 'echo boom >&2; exit 3'` failed with exit code 3; stderr: boom");
+        assert_eq!(
+            e.to_string(),
+            "`sh -c 'echo boom >&2; exit 3'` failed with exit code 3; stderr: boom"
+        );
         assert_eq!(Error::from(e).kind(), ErrorKind::Backend);
     }
 
     #[tokio::test]
     async fn missing_program_is_a_spawn_error() {
-        let e = LocalRunner.run(&Command::new("/nonexistent/tool")).await.unwrap_err();
+        let e = LocalRunner
+            .run(&Command::new("/nonexistent/tool"))
+            .await
+            .unwrap_err();
         assert!(matches!(e, CommandError::Spawn { .. }));
         assert!(e.to_string().contains("cannot run `/nonexistent/tool`"));
         assert!(!Error::from(e).is_retryable());
@@ -169,16 +188,26 @@ mod tests {
         let script = format!("sh -c 'echo $$ > {}; sleep 30' & wait", pidfile.display());
         let t0 = Instant::now();
         let e = LocalRunner
-            .run(&Command::new("sh").args(["-c", &script]).timeout(Duration::from_millis(300)))
+            .run(
+                &Command::new("sh")
+                    .args(["-c", &script])
+                    .timeout(Duration::from_millis(300)),
+            )
             .await
             .unwrap_err();
         assert!(t0.elapsed() < Duration::from_secs(5));
         assert_eq!(Error::from(e).kind(), ErrorKind::Timeout);
-        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         // Give the kernel a moment to reap.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
-            && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ");
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ");
         assert!(!alive, "grandchild {pid} survived the deadline");
     }
 
@@ -186,26 +215,41 @@ mod tests {
     async fn dropping_the_future_kills_the_child() {
         let dir = tempfile::tempdir().unwrap();
         let pidfile = dir.path().join("pid");
-        let cmd = Command::new("sh").args(["-c", &format!("echo $$ > {}; exec sleep 30", pidfile.display())]);
+        let cmd = Command::new("sh").args([
+            "-c",
+            &format!("echo $$ > {}; exec sleep 30", pidfile.display()),
+        ]);
         let fut = LocalRunner.run(&cmd);
         let _ = tokio::time::timeout(Duration::from_millis(300), fut).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        assert!(stat.is_empty() || stat.contains(") Z "), "child {pid} survived: {stat}");
+        assert!(
+            stat.is_empty() || stat.contains(") Z "),
+            "child {pid} survived: {stat}"
+        );
     }
 
     #[tokio::test]
     async fn secrets_go_by_env_and_stdin_and_are_redacted() {
         let cmd = Command::new("sh")
-            .args(["-c", "echo \"env=$PW\"; read line; echo \"stdin=$line\" >&2; exit 1"])
+            .args([
+                "-c",
+                "echo \"env=$PW\"; read line; echo \"stdin=$line\" >&2; exit 1",
+            ])
             .secret_env("PW", Secret::new("topsecret"))
             .secret_stdin(Secret::new("alsosecret\n"));
         let e = LocalRunner.run(&cmd).await.unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("stdin=<redacted>"), "{msg}");
         assert!(!msg.contains("secret"), "{msg}");
-        let CommandError::Exit { stdout, .. } = e else { panic!() };
+        let CommandError::Exit { stdout, .. } = e else {
+            panic!()
+        };
         assert_eq!(stdout, "env=<redacted>\n");
     }
 
@@ -215,7 +259,9 @@ mod tests {
         let mut sink = |l: &str| lines.push(l.to_string());
         let out = LocalRunner
             .run_with(
-                &Command::new("sh").args(["-c", "printf '1%%\\r2%%\\rdone\\n'; exit 24"]).ok_exit_codes(&[24]),
+                &Command::new("sh")
+                    .args(["-c", "printf '1%%\\r2%%\\rdone\\n'; exit 24"])
+                    .ok_exit_codes(&[24]),
                 Some(&mut sink),
             )
             .await

@@ -33,7 +33,10 @@ pub fn ps_quote(s: &str) -> String {
 
 /// Joins an argv into one POSIX shell command line, each word quoted.
 pub fn sh_join<S: AsRef<str>>(argv: &[S]) -> String {
-    argv.iter().map(|a| sh_quote(a.as_ref())).collect::<Vec<_>>().join(" ")
+    argv.iter()
+        .map(|a| sh_quote(a.as_ref()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -52,7 +55,9 @@ mod tests {
 
     #[test]
     fn sh_quote_survives_a_real_shell() {
-        let hostile = ["a'b", "$(id)", "`x`", "a\nb", "\\", "'", "\"", "*", "~", "-rf /"];
+        let hostile = [
+            "a'b", "$(id)", "`x`", "a\nb", "\\", "'", "\"", "*", "~", "-rf /",
+        ];
         for h in hostile {
             let out = std::process::Command::new("sh")
                 .arg("-c")
@@ -67,7 +72,10 @@ mod tests {
     fn ps_quote_doubles_quotes() {
         assert_eq!(ps_quote("web"), "'web'");
         assert_eq!(ps_quote("a'b"), "'a''b'");
-        assert_eq!(ps_quote("x\u{2019}; Stop-Computer"), "'x\u{2019}\u{2019}; Stop-Computer'");
+        assert_eq!(
+            ps_quote("x\u{2019}; Stop-Computer"),
+            "'x\u{2019}\u{2019}; Stop-Computer'"
+        );
         assert_eq!(ps_quote("$env:PATH"), "'$env:PATH'");
     }
 }

@@ -39,17 +39,26 @@ impl Reply {
 
     /// Killed by a signal (rsync interrupted, say).
     pub fn killed(stdout: impl Into<String>, stderr: impl Into<String>) -> Self {
-        Reply { code: None, ..Reply::exit(0, stdout, stderr) }
+        Reply {
+            code: None,
+            ..Reply::exit(0, stdout, stderr)
+        }
     }
 
     /// Hangs past the command's deadline.
     pub fn hang() -> Self {
-        Reply { timeout: true, ..Reply::ok("") }
+        Reply {
+            timeout: true,
+            ..Reply::ok("")
+        }
     }
 
     /// The program is not installed.
     pub fn not_installed() -> Self {
-        Reply { spawn_error: true, ..Reply::ok("") }
+        Reply {
+            spawn_error: true,
+            ..Reply::ok("")
+        }
     }
 
     /// Answers after `d` (tokio time, so paused clocks apply).
@@ -108,14 +117,23 @@ impl ScriptedRunner {
     /// Expects `argv` with these environment variables among its own
     /// (secret values show as `<redacted>`).
     pub fn expect_env(self, argv: &[&str], env: &[(&str, &str)], reply: Reply) -> Self {
-        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         self.push(argv, None, env, reply);
         self
     }
 
     /// Adds an expectation through a shared reference (for runners already
     /// handed to a backend).
-    pub fn push(&self, argv: &[&str], stdin: Option<String>, env: Vec<(String, String)>, reply: Reply) {
+    pub fn push(
+        &self,
+        argv: &[&str],
+        stdin: Option<String>,
+        env: Vec<(String, String)>,
+        reply: Reply,
+    ) {
         self.script.lock().unwrap().push_back(Expectation {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             stdin,
@@ -143,7 +161,11 @@ impl ScriptedRunner {
             .iter()
             .map(|e| super::DisplayArgv(e.argv.clone()).to_string())
             .collect();
-        assert!(left.is_empty(), "scripted runner: {} replies never used: {left:#?}", left.len());
+        assert!(
+            left.is_empty(),
+            "scripted runner: {} replies never used: {left:#?}",
+            left.len()
+        );
     }
 }
 
@@ -178,11 +200,20 @@ impl CommandRunner for ScriptedRunner {
             super::DisplayArgv(exp.argv.clone())
         );
         if let Some(stdin) = &exp.stdin {
-            assert_eq!(cmd.stdin_redacted().as_deref(), Some(stdin.as_str()), "stdin of `{cmd}`");
+            assert_eq!(
+                cmd.stdin_redacted().as_deref(),
+                Some(stdin.as_str()),
+                "stdin of `{cmd}`"
+            );
         }
         let env = cmd.env_redacted();
         for kv in &exp.env {
-            assert!(env.contains(kv), "`{cmd}` lacks env {}={}; has {env:?}", kv.0, kv.1);
+            assert!(
+                env.contains(kv),
+                "`{cmd}` lacks env {}={}; has {env:?}",
+                kv.0,
+                kv.1
+            );
         }
         let r = exp.reply;
         if r.spawn_error {
@@ -217,10 +248,16 @@ mod tests {
     async fn replays_in_order_and_checks_argv() {
         let r = ScriptedRunner::new()
             .expect(&["drbdadm", "status"], Reply::ok("r0 role:Primary\n"))
-            .expect(&["drbdadm", "down", "r0"], Reply::exit(10, "", "not configured"));
+            .expect(
+                &["drbdadm", "down", "r0"],
+                Reply::exit(10, "", "not configured"),
+            );
         let out = r.run(&Command::new("drbdadm").arg("status")).await.unwrap();
         assert_eq!(out.stdout, "r0 role:Primary\n");
-        let e = r.run(&Command::new("drbdadm").args(["down", "r0"])).await.unwrap_err();
+        let e = r
+            .run(&Command::new("drbdadm").args(["down", "r0"]))
+            .await
+            .unwrap_err();
         assert_eq!(e.exit_code(), Some(10));
         r.assert_done();
     }

@@ -88,7 +88,10 @@ mod tests {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s} {s:?}"), "<redacted> <redacted>");
         assert_eq!(s.expose(), "hunter2");
-        assert_eq!(redact("auth failed for hunter2!", &[&s]), "auth failed for <redacted>!");
+        assert_eq!(
+            redact("auth failed for hunter2!", &[&s]),
+            "auth failed for <redacted>!"
+        );
     }
 
     #[test]

@@ -93,7 +93,9 @@ impl SshRunner {
         let mut plain_env = Vec::new();
         for (k, v) in cmd.env_entries() {
             if !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') || k.is_empty() {
-                return Err(Error::invalid(format!("invalid environment variable name {k:?}")));
+                return Err(Error::invalid(format!(
+                    "invalid environment variable name {k:?}"
+                )));
             }
             match v {
                 EnvValue::Plain(s) => plain_env.push(format!("{k}={s}")),
@@ -127,7 +129,9 @@ impl SshRunner {
             (false, Some(StdinData::Plain(b))) => Some(StdinData::Secret(Secret::new(
                 secret_lines + &String::from_utf8_lossy(b),
             ))),
-            (false, Some(StdinData::Secret(s))) => Some(StdinData::Secret(Secret::new(secret_lines + s.expose()))),
+            (false, Some(StdinData::Secret(s))) => {
+                Some(StdinData::Secret(Secret::new(secret_lines + s.expose())))
+            }
         };
         // `with_parts` keeps the original secrets for redaction.
         Ok(cmd.with_parts("ssh".into(), args, Vec::new(), stdin))
@@ -170,7 +174,17 @@ mod tests {
         let argv = w.argv();
         assert_eq!(
             &argv[..9],
-            ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-p", "2222", "--", "root@node-b"]
+            [
+                "ssh",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=10",
+                "-p",
+                "2222",
+                "--",
+                "root@node-b"
+            ]
         );
         assert_eq!(
             argv[9],
@@ -194,12 +208,22 @@ mod tests {
     async fn remote_script_runs_in_a_real_shell() {
         let r = SshRunner::new(SshTarget::new("h").unwrap());
         let cmd = Command::new("sh")
-            .args(["-c", "printf '%s|%s|' \"$PW\" \"$1\"; cat", "x", "a'b $(id)"])
+            .args([
+                "-c",
+                "printf '%s|%s|' \"$PW\" \"$1\"; cat",
+                "x",
+                "a'b $(id)",
+            ])
             .secret_env("PW", Secret::new("p w"))
             .stdin("rest");
         let w = r.wrap(&cmd).unwrap();
         let script = w.argv().last().unwrap().clone();
-        let local = w.with_parts("sh".into(), vec!["-c".into(), script], vec![], w.stdin_data().cloned());
+        let local = w.with_parts(
+            "sh".into(),
+            vec!["-c".into(), script],
+            vec![],
+            w.stdin_data().cloned(),
+        );
         let out = LocalRunner.run(&local).await.unwrap();
         // The secret arrived (and was redacted from the output on the way back).
         assert_eq!(out.stdout, "<redacted>|a'b $(id)|rest");

@@ -31,18 +31,39 @@ fn unplanned_failover() {
     assert!(h.take().is_empty(), "no sync while a is down");
     let t = h.transitions();
     assert_eq!(t.len(), 6, "{t:#?}");
-    assert!(t[0].starts_with("protected -> suspect: no heartbeat from active node a for "), "{}", t[0]);
-    assert!(t[1].starts_with("suspect -> fencing: no heartbeat from a for "), "{}", t[1]);
-    assert!(t[1].ends_with("and its hypervisor does not answer (connection refused); fencing a"), "{}", t[1]);
+    assert!(
+        t[0].starts_with("protected -> suspect: no heartbeat from active node a for "),
+        "{}",
+        t[0]
+    );
+    assert!(
+        t[1].starts_with("suspect -> fencing: no heartbeat from a for "),
+        "{}",
+        t[1]
+    );
+    assert!(
+        t[1].ends_with("and its hypervisor does not answer (connection refused); fencing a"),
+        "{}",
+        t[1]
+    );
     assert_eq!(t[2], "fencing -> fence-check: fenced a: node a read back off by ipmi; checking that its VM is gone");
     assert_eq!(
         t[3],
         "fence-check -> promoting: a is fenced and its hypervisor is gone (connection refused); promoting g5 on b"
     );
-    assert_eq!(t[4], "promoting -> starting: promoted g5 on b; b is active at epoch e1");
-    assert_eq!(t[5], "starting -> unprotected: VM started on b from g5 (node a read back off by ipmi)");
+    assert_eq!(
+        t[4],
+        "promoting -> starting: promoted g5 on b; b is active at epoch e1"
+    );
+    assert_eq!(
+        t[5],
+        "starting -> unprotected: VM started on b from g5 (node a read back off by ipmi)"
+    );
     let v = h.m.view();
-    assert_eq!((v.epoch, v.active, v.phase), (Epoch(1), n("b"), PhaseName::Unprotected));
+    assert_eq!(
+        (v.epoch, v.active, v.phase),
+        (Epoch(1), n("b"), PhaseName::Unprotected)
+    );
 }
 
 #[test]
@@ -54,7 +75,14 @@ fn the_start_action_carries_the_receipt_for_the_other_copy() {
     h.answer("fence a", Outcome::Ok(Answer::Fenced(power_receipt("a"))));
     h.answer("observe VM on a", unreachable());
     h.answer("promote g5 on b", Outcome::Ok(Answer::Promoted(g(5))));
-    let Op::StartVm { node, receipt, generation } = &h.queue[0].op else { panic!("{:?}", h.queue) };
+    let Op::StartVm {
+        node,
+        receipt,
+        generation,
+    } = &h.queue[0].op
+    else {
+        panic!("{:?}", h.queue)
+    };
     assert_eq!((node, *generation), (&n("b"), Some(Generation(5))));
     assert_eq!(receipt, &power_receipt("a"));
 }
@@ -77,7 +105,9 @@ fn vm_running_on_the_primary_holds_the_failover() {
     h.answer("observe VM on a", observed("a", VmState::Running));
     assert!(h.take().is_empty());
     assert_eq!(h.phase(), PhaseName::Suspect);
-    assert!(h.last_event().contains("its hypervisor reports the VM running: holding, not failing over"));
+    assert!(h
+        .last_event()
+        .contains("its hypervisor reports the VM running: holding, not failing over"));
     // It asks again a monitor interval later; now the host is gone.
     h.advance(policy().retry_backoff);
     assert_eq!(h.take(), ["observe VM on a"]);
@@ -92,7 +122,10 @@ fn heartbeats_resuming_cancel_the_suspicion() {
     h.answer("observe VM on a", observed("a", VmState::Running));
     h.beats(3, Some(view_a(5)));
     assert_eq!(h.phase(), PhaseName::Protected);
-    assert_eq!(h.transitions().last().unwrap(), "suspect -> protected: heartbeats from a resumed");
+    assert_eq!(
+        h.transitions().last().unwrap(),
+        "suspect -> protected: heartbeats from a resumed"
+    );
     assert!(h.take().is_empty());
 }
 
@@ -112,17 +145,29 @@ fn fence_failure_retries_with_backoff_then_blocks_until_confirmed() {
     silence_until_suspect(&mut h);
     h.answer("observe VM on a", unreachable());
     h.answer("query replica", report("a", "b", 5, 8));
-    h.answer("fence a", Outcome::failed(ErrorKind::Timeout, "bmc-a: no answer"));
+    h.answer(
+        "fence a",
+        Outcome::failed(ErrorKind::Timeout, "bmc-a: no answer"),
+    );
     assert!(h.take().is_empty());
-    assert_eq!(h.last_event(), "fence attempt 1 of a failed: bmc-a: no answer (timeout); retrying in 2.0s");
+    assert_eq!(
+        h.last_event(),
+        "fence attempt 1 of a failed: bmc-a: no answer (timeout); retrying in 2.0s"
+    );
     h.advance(Duration::from_millis(1999));
     assert!(h.take().is_empty());
     h.advance(Duration::from_millis(1));
     assert_eq!(h.take(), ["fence a"]);
-    h.answer("fence a", Outcome::failed(ErrorKind::Timeout, "bmc-a: no answer"));
+    h.answer(
+        "fence a",
+        Outcome::failed(ErrorKind::Timeout, "bmc-a: no answer"),
+    );
     h.advance(Duration::from_secs(4));
     assert_eq!(h.take(), ["fence a"]);
-    h.answer("fence a", Outcome::failed(ErrorKind::Timeout, "bmc-a: no answer"));
+    h.answer(
+        "fence a",
+        Outcome::failed(ErrorKind::Timeout, "bmc-a: no answer"),
+    );
     assert_eq!(h.phase(), PhaseName::Blocked);
     assert_eq!(
         h.transitions().last().unwrap(),
@@ -134,7 +179,9 @@ fn fence_failure_retries_with_backoff_then_blocks_until_confirmed() {
     h.command(Command::ConfirmDown(op.clone()));
     assert_eq!(h.take(), ["promote g5 on b"]);
     h.answer("promote g5 on b", Outcome::Ok(Answer::Promoted(g(5))));
-    let Op::StartVm { receipt, .. } = &h.queue[0].op else { panic!() };
+    let Op::StartVm { receipt, .. } = &h.queue[0].op else {
+        panic!()
+    };
     assert_eq!(receipt, &op);
 }
 
@@ -144,7 +191,10 @@ fn refused_credentials_block_at_once_without_a_retry_storm() {
     silence_until_suspect(&mut h);
     h.answer("observe VM on a", unreachable());
     h.answer("query replica", report("a", "b", 5, 8));
-    h.answer("fence a", Outcome::failed(ErrorKind::PermissionDenied, "bmc-a refused user admin"));
+    h.answer(
+        "fence a",
+        Outcome::failed(ErrorKind::PermissionDenied, "bmc-a refused user admin"),
+    );
     assert_eq!(h.phase(), PhaseName::Blocked);
     assert!(h.take().is_empty());
 }
@@ -155,8 +205,13 @@ fn resume_after_fence_failure_decides_again() {
     silence_until_suspect(&mut h);
     h.answer("observe VM on a", unreachable());
     h.answer("query replica", report("a", "b", 5, 8));
-    h.answer("fence a", Outcome::failed(ErrorKind::PermissionDenied, "refused"));
-    h.command(Command::Resume { accept_data_loss: false });
+    h.answer(
+        "fence a",
+        Outcome::failed(ErrorKind::PermissionDenied, "refused"),
+    );
+    h.command(Command::Resume {
+        accept_data_loss: false,
+    });
     assert_eq!(h.take(), ["observe VM on b"]);
     h.answer("observe VM on b", observed("b", VmState::ShutOff));
     h.advance(policy().peer_wait);
@@ -167,10 +222,19 @@ fn resume_after_fence_failure_decides_again() {
 #[test]
 fn confirm_down_of_the_wrong_node_or_at_the_wrong_time_is_rejected() {
     let mut h = spare_protected(policy());
-    h.command(Command::ConfirmDown(FenceReceipt::from_operator(n("a"), UnixMillis(1))));
+    h.command(Command::ConfirmDown(FenceReceipt::from_operator(
+        n("a"),
+        UnixMillis(1),
+    )));
     assert_eq!(h.events.last().unwrap().kind, EventKind::Rejected);
-    assert_eq!(h.last_event(), "nothing waits for a to be confirmed down (the pair is protected)");
-    h.command(Command::ConfirmDown(FenceReceipt::from_operator(n("b"), UnixMillis(1))));
+    assert_eq!(
+        h.last_event(),
+        "nothing waits for a to be confirmed down (the pair is protected)"
+    );
+    h.command(Command::ConfirmDown(FenceReceipt::from_operator(
+        n("b"),
+        UnixMillis(1),
+    )));
     assert_eq!(h.last_event(), "b is not the peer of this node (a)");
     assert!(h.take().is_empty());
 }
@@ -184,9 +248,19 @@ fn a_lying_fencer_blocks_instead_of_starting() {
     h.answer("fence a", Outcome::Ok(Answer::Fenced(power_receipt("a"))));
     h.answer("observe VM on a", observed("a", VmState::Running));
     assert_eq!(h.phase(), PhaseName::Blocked);
-    assert!(matches!(h.m.phase(), Phase::Blocked { on: BlockedOn::LyingFencer { .. }, .. }));
+    assert!(matches!(
+        h.m.phase(),
+        Phase::Blocked {
+            on: BlockedOn::LyingFencer { .. },
+            ..
+        }
+    ));
     assert!(h.take().is_empty());
-    assert!(h.last_event().contains("the fence device may be lying"), "{}", h.last_event());
+    assert!(
+        h.last_event().contains("the fence device may be lying"),
+        "{}",
+        h.last_event()
+    );
 }
 
 #[test]
@@ -196,7 +270,11 @@ fn a_receipt_for_another_node_is_not_accepted() {
     h.answer("observe VM on a", unreachable());
     h.answer("query replica", report("a", "b", 5, 8));
     h.answer("fence a", Outcome::Ok(Answer::Fenced(power_receipt("b"))));
-    assert!(h.last_event().contains("not a receipt for a"), "{}", h.last_event());
+    assert!(
+        h.last_event().contains("not a receipt for a"),
+        "{}",
+        h.last_event()
+    );
     assert_eq!(h.phase(), PhaseName::Fencing);
 }
 
@@ -210,9 +288,19 @@ fn stale_replica_blocks_without_fencing_until_the_operator_accepts() {
     assert_eq!(h.phase(), PhaseName::Blocked);
     let t = h.transitions();
     let last = t.last().unwrap();
-    assert!(last.contains("but the newest generation here, g5, is 11m 40s old, over the data-loss bound 10m"), "{last}");
-    assert!(last.ends_with("resume with accept-data-loss to fail over anyway"), "{last}");
-    h.command(Command::Resume { accept_data_loss: true });
+    assert!(
+        last.contains(
+            "but the newest generation here, g5, is 11m 40s old, over the data-loss bound 10m"
+        ),
+        "{last}"
+    );
+    assert!(
+        last.ends_with("resume with accept-data-loss to fail over anyway"),
+        "{last}"
+    );
+    h.command(Command::Resume {
+        accept_data_loss: true,
+    });
     h.answer("observe VM on b", observed("b", VmState::ShutOff));
     h.advance(policy().peer_wait);
     h.answer("observe VM on a", unreachable());
@@ -224,18 +312,43 @@ fn stale_replica_blocks_without_fencing_until_the_operator_accepts() {
 fn no_generation_blocks() {
     let mut h = H::new(cfg("b", policy()));
     h.answer("observe VM on b", observed("b", VmState::ShutOff));
-    h.answer("query replica", Outcome::Ok(Answer::Replica(ReplicaReport { source: n("a"), target: n("b"), newest: None, age: None })));
+    h.answer(
+        "query replica",
+        Outcome::Ok(Answer::Replica(ReplicaReport {
+            source: n("a"),
+            target: n("b"),
+            newest: None,
+            age: None,
+        })),
+    );
     h.take();
     h.advance(Duration::from_secs(20));
     h.answer("observe VM on a", unreachable());
-    h.answer("query replica", Outcome::Ok(Answer::Replica(ReplicaReport { source: n("a"), target: n("b"), newest: None, age: None })));
-    assert!(matches!(h.m.phase(), Phase::Blocked { on: BlockedOn::NoGeneration, .. }));
+    h.answer(
+        "query replica",
+        Outcome::Ok(Answer::Replica(ReplicaReport {
+            source: n("a"),
+            target: n("b"),
+            newest: None,
+            age: None,
+        })),
+    );
+    assert!(matches!(
+        h.m.phase(),
+        Phase::Blocked {
+            on: BlockedOn::NoGeneration,
+            ..
+        }
+    ));
     assert!(h.take().is_empty());
 }
 
 #[test]
 fn allow_stale_policy_fails_over_anyway() {
-    let mut h = spare_protected(Policy { allow_stale_failover: true, ..policy() });
+    let mut h = spare_protected(Policy {
+        allow_stale_failover: true,
+        ..policy()
+    });
     silence_until_suspect(&mut h);
     h.answer("observe VM on a", unreachable());
     h.answer("query replica", report("a", "b", 5, 7000));
@@ -252,7 +365,10 @@ fn fence_delay_postpones_fencing_in_a_partition() {
     h.answer("query replica", report("a", "b", 5, 8));
     assert!(h.take().is_empty());
     let last = h.transitions().last().unwrap().clone();
-    assert!(last.ends_with("fencing a after its fence delay of 10s"), "{last}");
+    assert!(
+        last.ends_with("fencing a after its fence delay of 10s"),
+        "{last}"
+    );
     h.advance(Duration::from_millis(9999));
     assert!(h.take().is_empty());
     h.advance(Duration::from_millis(1));
@@ -269,7 +385,10 @@ fn partition_healing_during_the_fence_delay_cancels_the_fence() {
     h.answer("query replica", report("a", "b", 5, 8));
     h.beats(3, Some(view_a(5)));
     assert_eq!(h.phase(), PhaseName::Protected);
-    assert_eq!(h.transitions().last().unwrap(), "fencing -> protected: heartbeats from a resumed before it was fenced");
+    assert_eq!(
+        h.transitions().last().unwrap(),
+        "fencing -> protected: heartbeats from a resumed before it was fenced"
+    );
     h.beats(30, Some(view_a(5)));
     assert!(h.take().is_empty());
 }
@@ -283,7 +402,10 @@ fn the_active_side_of_a_partition_fences_the_spare_without_delay() {
     assert_eq!(h.take(), ["fence b"]);
     h.answer("fence b", Outcome::Ok(Answer::Fenced(power_receipt("b"))));
     assert_eq!(h.phase(), PhaseName::Unprotected);
-    assert_eq!(h.transitions().last().unwrap(), "fencing -> unprotected: fenced spare b: node b read back off by ipmi");
+    assert_eq!(
+        h.transitions().last().unwrap(),
+        "fencing -> unprotected: fenced spare b: node b read back off by ipmi"
+    );
     assert!(h.take().is_empty());
 }
 
@@ -302,11 +424,21 @@ fn witness_that_still_reaches_the_peer_holds_the_failover() {
     c.witness = true;
     let mut h = spare_protected_cfg(c);
     silence_until_suspect(&mut h);
-    h.input(Input::Witness { node: n("a"), alive: true });
+    h.input(Input::Witness {
+        node: n("a"),
+        alive: true,
+    });
     h.answer("observe VM on a", unreachable());
     assert!(h.take().is_empty());
-    assert!(h.last_event().contains("the witness still reaches it"), "{}", h.last_event());
-    h.input(Input::Witness { node: n("a"), alive: false });
+    assert!(
+        h.last_event().contains("the witness still reaches it"),
+        "{}",
+        h.last_event()
+    );
+    h.input(Input::Witness {
+        node: n("a"),
+        alive: false,
+    });
     assert_eq!(h.take(), ["query replica"]);
 }
 
@@ -325,12 +457,24 @@ fn witness_silence_waits() {
 fn a_stale_spare_never_fails_over() {
     let mut h = spare_protected(policy());
     // The pair was switched over and back: this node went stale at g5.
-    h.input(Input::Heartbeat { from: n("a"), view: Some(PeerView { epoch: Epoch(2), ..view_a(5) }) });
+    h.input(Input::Heartbeat {
+        from: n("a"),
+        view: Some(PeerView {
+            epoch: Epoch(2),
+            ..view_a(5)
+        }),
+    });
     assert_eq!(h.phase(), PhaseName::Stale);
     h.take();
     h.advance(Duration::from_secs(20));
     h.answer("observe VM on a", unreachable());
     h.answer("query replica", report("a", "b", 5, 3));
-    assert!(matches!(h.m.phase(), Phase::Blocked { on: BlockedOn::StaleReplica, .. }));
+    assert!(matches!(
+        h.m.phase(),
+        Phase::Blocked {
+            on: BlockedOn::StaleReplica,
+            ..
+        }
+    ));
     assert!(h.take().is_empty());
 }

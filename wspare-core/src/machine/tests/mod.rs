@@ -3,6 +3,7 @@
 
 mod crash;
 mod failover;
+mod properties;
 mod restore;
 mod switchover;
 mod various;
@@ -19,7 +20,10 @@ pub(super) fn n(s: &str) -> NodeId {
 }
 
 pub(super) fn g(n: u64) -> GenerationInfo {
-    GenerationInfo { generation: Generation(n), source_time: UnixMillis(n * 1000) }
+    GenerationInfo {
+        generation: Generation(n),
+        source_time: UnixMillis(n * 1000),
+    }
 }
 
 /// Policy with long periodic intervals, so scenarios see only the actions
@@ -60,12 +64,21 @@ pub(super) fn power_receipt(node: &str) -> FenceReceipt {
 }
 
 pub(super) fn off_receipt(node: &str) -> FenceReceipt {
-    FenceReceipt::from_observed_state(n(node), crate::ids::VmName::new("web").unwrap(), VmState::ShutOff, UnixMillis(5000))
-        .unwrap()
+    FenceReceipt::from_observed_state(
+        n(node),
+        crate::ids::VmName::new("web").unwrap(),
+        VmState::ShutOff,
+        UnixMillis(5000),
+    )
+    .unwrap()
 }
 
 pub(super) fn observed(node: &str, state: VmState) -> Outcome {
-    let receipt = if state.is_live() || state == VmState::Crashed { None } else { Some(off_receipt(node)) };
+    let receipt = if state.is_live() || state == VmState::Crashed {
+        None
+    } else {
+        Some(off_receipt(node))
+    };
     Outcome::Ok(Answer::Observed { state, receipt })
 }
 
@@ -83,7 +96,10 @@ pub(super) fn report(source: &str, target: &str, gen: u64, age_s: u64) -> Outcom
 }
 
 pub(super) fn generation(gen: u64) -> Outcome {
-    Outcome::Ok(Answer::Generation { info: g(gen), age: Duration::from_secs(1) })
+    Outcome::Ok(Answer::Generation {
+        info: g(gen),
+        age: Duration::from_secs(1),
+    })
 }
 
 pub(super) fn done() -> Outcome {
@@ -92,23 +108,28 @@ pub(super) fn done() -> Outcome {
 
 /// One machine on a millisecond timeline.
 pub(super) struct H {
-    pub m: Machine,
-    pub t: Instant,
+    pub(super) m: Machine,
+    pub(super) t: Instant,
     /// Actions asked for and not yet taken by `ops`.
-    pub queue: Vec<Action>,
-    pub events: Vec<Event>,
+    pub(super) queue: Vec<Action>,
+    pub(super) events: Vec<Event>,
 }
 
 impl H {
-    pub fn new(cfg: PairConfig) -> H {
+    pub(super) fn new(cfg: PairConfig) -> H {
         let t = Instant::from_origin(Duration::from_secs(1000));
         let m = Machine::new(cfg, t);
-        let mut h = H { m, t, queue: Vec::new(), events: Vec::new() };
+        let mut h = H {
+            m,
+            t,
+            queue: Vec::new(),
+            events: Vec::new(),
+        };
         h.input(Input::Tick);
         h
     }
 
-    pub fn drain(&mut self) {
+    pub(super) fn drain(&mut self) {
         while let Some(a) = self.m.poll_action() {
             self.queue.push(a);
         }
@@ -117,13 +138,13 @@ impl H {
         }
     }
 
-    pub fn input(&mut self, i: Input) {
+    pub(super) fn input(&mut self, i: Input) {
         self.m.handle(i, self.t);
         self.drain();
     }
 
     /// Lets `d` pass, ticking whenever the machine asked to be woken.
-    pub fn advance(&mut self, d: Duration) {
+    pub(super) fn advance(&mut self, d: Duration) {
         let end = self.t + d;
         loop {
             let next = self.m.poll_timeout();
@@ -138,21 +159,24 @@ impl H {
     }
 
     /// Heartbeats from the peer, one a second, for `secs` seconds.
-    pub fn beats(&mut self, secs: u64, view: Option<PeerView>) {
+    pub(super) fn beats(&mut self, secs: u64, view: Option<PeerView>) {
         let peer = self.m.config().peer().clone();
         for _ in 0..secs {
             self.advance(Duration::from_secs(1));
-            self.input(Input::Heartbeat { from: peer.clone(), view: view.clone() });
+            self.input(Input::Heartbeat {
+                from: peer.clone(),
+                view: view.clone(),
+            });
         }
     }
 
     /// The ops asked for since the last call, as text.
-    pub fn ops(&mut self) -> Vec<String> {
+    pub(super) fn ops(&mut self) -> Vec<String> {
         self.queue.iter().map(|a| a.op.to_string()).collect()
     }
 
     /// Answers the pending action whose op reads `op`.
-    pub fn answer(&mut self, op: &str, outcome: Outcome) {
+    pub(super) fn answer(&mut self, op: &str, outcome: Outcome) {
         let id = self
             .m
             .pending()
@@ -165,22 +189,22 @@ impl H {
     }
 
     /// Takes the queue (asserting what was asked), clearing it.
-    pub fn take(&mut self) -> Vec<String> {
+    pub(super) fn take(&mut self) -> Vec<String> {
         let v = self.ops();
         self.queue.clear();
         v
     }
 
-    pub fn pending(&self) -> Vec<String> {
+    pub(super) fn pending(&self) -> Vec<String> {
         self.m.pending().iter().map(|p| p.op.to_string()).collect()
     }
 
-    pub fn phase(&self) -> PhaseName {
+    pub(super) fn phase(&self) -> PhaseName {
         self.m.phase().name()
     }
 
     /// Transition events as "from -> to: cause".
-    pub fn transitions(&self) -> Vec<String> {
+    pub(super) fn transitions(&self) -> Vec<String> {
         self.events
             .iter()
             .filter_map(|e| match &e.kind {
@@ -190,15 +214,18 @@ impl H {
             .collect()
     }
 
-    pub fn last_event(&self) -> String {
-        self.events.last().map(|e| e.cause.clone()).unwrap_or_default()
+    pub(super) fn last_event(&self) -> String {
+        self.events
+            .last()
+            .map(|e| e.cause.clone())
+            .unwrap_or_default()
     }
 
-    pub fn command(&mut self, c: Command) {
+    pub(super) fn command(&mut self, c: Command) {
         self.input(Input::Command(c));
     }
 
-    pub fn clear_events(&mut self) {
+    pub(super) fn clear_events(&mut self) {
         self.events.clear();
     }
 }
@@ -217,7 +244,10 @@ pub(super) fn view_a(gen: u64) -> PeerView {
 
 /// The view node `b` sends while spare and protected.
 pub(super) fn view_b(gen: u64) -> PeerView {
-    PeerView { active: n("a"), ..view_a(gen) }
+    PeerView {
+        active: n("a"),
+        ..view_a(gen)
+    }
 }
 
 /// B's machine, spare, protected with g5, heartbeats from A flowing.

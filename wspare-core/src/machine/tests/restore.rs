@@ -52,7 +52,10 @@ fn crash_while_fencing_reads_the_power_state_instead_of_fencing_again() {
     assert_eq!(h.take(), ["read power status of a"]);
     h.answer(
         "read power status of a",
-        Outcome::Ok(Answer::Power { state: PowerState::Off, receipt: Some(power_receipt("a")) }),
+        Outcome::Ok(Answer::Power {
+            state: PowerState::Off,
+            receipt: Some(power_receipt("a")),
+        }),
     );
     assert_eq!(h.take(), ["observe VM on a"]);
     h.answer("observe VM on a", unreachable());
@@ -63,7 +66,13 @@ fn crash_while_fencing_reads_the_power_state_instead_of_fencing_again() {
 fn crash_while_fencing_a_node_still_on_fences_again_after_observing() {
     let mut h = failover_until("fence a");
     crash(&mut h);
-    h.answer("read power status of a", Outcome::Ok(Answer::Power { state: PowerState::On, receipt: None }));
+    h.answer(
+        "read power status of a",
+        Outcome::Ok(Answer::Power {
+            state: PowerState::On,
+            receipt: None,
+        }),
+    );
     assert!(h.take().is_empty());
     assert!(h.last_event().contains("reads on"), "{}", h.last_event());
     h.advance(policy().fence_backoff);
@@ -95,7 +104,11 @@ fn crash_while_promoting_observes_the_replica_then_promotes() {
 #[test]
 fn crash_while_starting_finds_the_vm_running_and_does_not_start_it_twice() {
     let mut h = failover_until("start VM on b from g5");
-    assert_eq!(h.m.epoch(), Epoch(1), "the epoch is journaled before the start runs");
+    assert_eq!(
+        h.m.epoch(),
+        Epoch(1),
+        "the epoch is journaled before the start runs"
+    );
     crash(&mut h);
     assert_eq!(h.take(), ["observe VM on b"]);
     h.answer("observe VM on b", observed("b", VmState::Running));
@@ -150,23 +163,35 @@ fn a_returned_old_primary_is_resynced_and_never_started() {
     assert_eq!(a.take(), ["observe VM on a"]);
     a.answer("observe VM on a", observed("a", VmState::ShutOff));
     assert!(a.take().is_empty(), "waits for the peer before deciding");
-    a.input(Input::Heartbeat { from: n("b"), view: Some(b.m.view()) });
+    a.input(Input::Heartbeat {
+        from: n("b"),
+        view: Some(b.m.view()),
+    });
     assert_eq!(a.phase(), PhaseName::Stale);
     assert_eq!(a.m.active(), &n("b"));
     assert!(a.take().iter().all(|o| !o.starts_with("start")));
     // b sees a back and resyncs it in full.
     for _ in 0..3 {
         b.advance(Duration::from_secs(1));
-        b.input(Input::Heartbeat { from: n("a"), view: Some(a.m.view()) });
+        b.input(Input::Heartbeat {
+            from: n("a"),
+            view: Some(a.m.view()),
+        });
     }
     assert_eq!(b.phase(), PhaseName::Resyncing);
-    assert_eq!(b.transitions().last().unwrap(), "unprotected -> resyncing: a is back; replicating to it");
+    assert_eq!(
+        b.transitions().last().unwrap(),
+        "unprotected -> resyncing: a is back; replicating to it"
+    );
     assert_eq!(b.take(), ["reverse replication to b -> a"]);
     b.answer("reverse replication to b -> a", done());
     assert_eq!(b.take(), ["initial sync b -> a"]);
     b.answer("initial sync b -> a", generation(6));
     assert_eq!(b.phase(), PhaseName::Protected);
-    a.input(Input::Heartbeat { from: n("b"), view: Some(b.m.view()) });
+    a.input(Input::Heartbeat {
+        from: n("b"),
+        view: Some(b.m.view()),
+    });
     assert_eq!(a.phase(), PhaseName::Protected);
     // a, now the spare, never asked to start anything.
     a.advance(Duration::from_secs(3600));
@@ -182,9 +207,18 @@ fn a_returned_primary_without_peer_contact_blocks() {
     a.drain();
     a.answer("observe VM on a", observed("a", VmState::ShutOff));
     a.advance(policy().peer_wait);
-    assert!(matches!(a.m.phase(), Phase::Blocked { on: BlockedOn::NoPeerContact { .. }, .. }));
+    assert!(matches!(
+        a.m.phase(),
+        Phase::Blocked {
+            on: BlockedOn::NoPeerContact { .. },
+            ..
+        }
+    ));
     assert!(a.take().is_empty());
-    a.command(Command::ConfirmDown(FenceReceipt::from_operator(n("b"), UnixMillis(1))));
+    a.command(Command::ConfirmDown(FenceReceipt::from_operator(
+        n("b"),
+        UnixMillis(1),
+    )));
     assert_eq!(a.take(), ["start VM on a in place"]);
     assert_eq!(a.m.epoch(), Epoch(1));
 }
@@ -193,12 +227,19 @@ fn a_returned_primary_without_peer_contact_blocks() {
 fn restore_rejects_a_snapshot_of_another_pair_or_node() {
     let h = spare_protected(policy());
     let e = Machine::restore(cfg("a", policy()), h.m.snapshot(), h.t).unwrap_err();
-    assert!(e.to_string().contains("journal snapshot is for pair web on b, not pair web on a"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("journal snapshot is for pair web on b, not pair web on a"),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_sync_outcome_observes_the_replica() {
-    let mut a = active_protected(Policy { sync_interval: Duration::from_secs(10), ..policy() });
+    let mut a = active_protected(Policy {
+        sync_interval: Duration::from_secs(10),
+        ..policy()
+    });
     a.beats(6, Some(view_b(5)));
     assert_eq!(a.take(), ["sync a -> b"]);
     a.answer("sync a -> b", Outcome::Unknown);
@@ -213,11 +254,21 @@ fn unknown_reverse_is_observed_and_not_repeated_when_done() {
     let mut h = failover_until("never");
     for _ in 0..3 {
         h.advance(Duration::from_secs(1));
-        h.input(Input::Heartbeat { from: n("a"), view: Some(PeerView { phase: PhaseName::Stale, ..view_a(5) }) });
+        h.input(Input::Heartbeat {
+            from: n("a"),
+            view: Some(PeerView {
+                phase: PhaseName::Stale,
+                ..view_a(5)
+            }),
+        });
     }
     assert_eq!(h.take(), ["reverse replication to b -> a"]);
     h.answer("reverse replication to b -> a", Outcome::Unknown);
     assert_eq!(h.take(), ["query replica"]);
     h.answer("query replica", report("b", "a", 5, 30));
-    assert_eq!(h.take(), ["initial sync b -> a"], "already reversed: not reversed twice");
+    assert_eq!(
+        h.take(),
+        ["initial sync b -> a"],
+        "already reversed: not reversed twice"
+    );
 }
