@@ -278,7 +278,10 @@ impl<S: Store + 'static> Driver<S> {
         loop {
             let next = self.engine.next_timeout();
             let wake = self.origin + next.since_origin().min(Duration::from_secs(86_400 * 365));
+            // Biased: a fixed order keeps runs on a paused clock
+            // deterministic (the simulator replays seeds).
             tokio::select! {
+                biased;
                 msg = self.rx.recv() => {
                     let Some(msg) = msg else { return Ok(()) };
                     let now = self.now();

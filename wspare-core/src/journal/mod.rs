@@ -212,6 +212,20 @@ pub trait Store: Send {
     fn load(&mut self) -> Result<Loaded, JournalError>;
 }
 
+/// A store shared with its owner: the simulator keeps a handle, so what a
+/// "crashed" driver journaled is there for the next one.
+impl<S: Store> Store for std::sync::Arc<std::sync::Mutex<S>> {
+    fn persist(&mut self, snapshots: &[Snapshot]) -> Result<(), JournalError> {
+        self.lock().expect("store lock").persist(snapshots)
+    }
+    fn remove(&mut self, pair: &PairId) -> Result<(), JournalError> {
+        self.lock().expect("store lock").remove(pair)
+    }
+    fn load(&mut self) -> Result<Loaded, JournalError> {
+        self.lock().expect("store lock").load()
+    }
+}
+
 /// An in-memory [`Store`].
 #[derive(Clone, Debug, Default)]
 pub struct MemoryStore {
