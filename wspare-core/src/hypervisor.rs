@@ -34,7 +34,8 @@
 //!   it made, during the freeze too, and the VM kept running throughout.
 //!   `freeze_disks` of a stopped VM fails with `Conflict` (its files are
 //!   already consistent). A freeze left behind by a caller that crashed
-//!   before `release_disks` is released by the next `freeze_disks`.
+//!   before `release_disks` is released by the next `freeze_disks`. During a
+//!   freeze, `spec` reports the frozen images, not the overlays.
 //! - **H9 hot-plug** (capability `attach_disk`): after `attach_disk` the disk
 //!   is in `spec`; after `detach_disk` it is gone; detaching a slot that is
 //!   not attached fails with `NotFound`.

@@ -238,7 +238,11 @@ pub fn validate_text(what: &str, s: &str, required: bool) -> Result<(), Error> {
             s.len()
         )));
     }
-    if let Some(c) = s.chars().find(|c| c.is_control()) {
+    // U+FFFE and U+FFFF cannot appear in XML (libvirt domains).
+    if let Some(c) = s
+        .chars()
+        .find(|c| c.is_control() || matches!(*c, '\u{FFFE}' | '\u{FFFF}'))
+    {
         return Err(Error::invalid(format!(
             "{what} {s:?} contains control character {c:?}"
         )));
