@@ -1,4 +1,4 @@
-//! Block jobs through `virt::sys`: the only unsafe code of this crate.
+//! Block jobs through `virt::sys` (with `events.rs`, the crate's only unsafe code).
 //!
 //! `virt` 0.5 wraps neither `virDomainBlockCommit` nor
 //! `virDomainGetBlockJobInfo` nor `virDomainBlockJobAbort`, which releasing

@@ -73,6 +73,10 @@ struct Inner {
     driver: Driver,
     domain_type: DomainType,
     conn: SharedConn,
+    /// Lifecycle events, started by the first `events()` call.
+    events: std::sync::OnceLock<tokio::sync::broadcast::Sender<wspare_core::VmEvent>>,
+    /// Whether the event watcher thread runs.
+    watching: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for LibvirtHypervisor {
@@ -103,6 +107,8 @@ impl LibvirtHypervisor {
                 driver,
                 domain_type,
                 conn,
+                events: std::sync::OnceLock::new(),
+                watching: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             }),
         })
     }
@@ -258,7 +264,7 @@ fn lookup_opt(c: &Connect, at: &At, name: &str) -> Result<Option<Domain>, Libvir
     }
 }
 
-fn domain_status(dom: &Domain, at: &At) -> Result<VmStatus, LibvirtError> {
+pub(crate) fn domain_status(dom: &Domain, at: &At) -> Result<VmStatus, LibvirtError> {
     // virt 0.5's `state()` drops the call's error and reports state -1.
     let (state, reason) = dom
         .state()
@@ -365,13 +371,13 @@ impl Hypervisor for LibvirtHypervisor {
                 }),
                 attach_disk: true,
                 graceful_shutdown: true,
-                lifecycle_events: false,
+                lifecycle_events: true,
             },
             Driver::Xen => HypervisorCaps {
                 freeze: None,
                 attach_disk: true,
                 graceful_shutdown: true,
-                lifecycle_events: false,
+                lifecycle_events: true,
             },
             // libvirt 9's test driver has no virDomainAttachDeviceFlags.
             Driver::Test | Driver::Other => HypervisorCaps {
@@ -381,6 +387,31 @@ impl Hypervisor for LibvirtHypervisor {
                 lifecycle_events: false,
             },
         }
+    }
+
+    /// Lifecycle events for every domain of the connection (QEMU and Xen
+    /// drivers), from a watcher with its own connection; see `events.rs`.
+    fn events(&self) -> Option<tokio::sync::broadcast::Receiver<wspare_core::VmEvent>> {
+        if !self.capabilities().lifecycle_events {
+            return None;
+        }
+        let tx = self
+            .inner
+            .events
+            .get_or_init(|| tokio::sync::broadcast::channel(256).0);
+        let rx = tx.subscribe();
+        if !self
+            .inner
+            .watching
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            crate::events::spawn_watcher(
+                self.inner.cfg.uri.clone(),
+                tx.clone(),
+                self.inner.watching.clone(),
+            );
+        }
+        Some(rx)
     }
 
     async fn status(&self, vm: &VmName) -> Result<VmStatus> {
@@ -1067,7 +1098,7 @@ mod tests {
         assert_eq!(q.describe(), "libvirt qemu+ssh://root@node-a/system");
         let c = q.capabilities();
         assert_eq!(c.freeze, Some(Consistency::ApplicationConsistent));
-        assert!(c.attach_disk && c.graceful_shutdown && !c.lifecycle_events);
+        assert!(c.attach_disk && c.graceful_shutdown && c.lifecycle_events);
         let mut cfg = LibvirtConfig::new("qemu:///system");
         cfg.guest_agent = false;
         assert_eq!(

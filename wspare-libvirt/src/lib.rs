@@ -35,8 +35,8 @@
 //!   answers and crash consistent otherwise (the result says which); the
 //!   release is an active block commit, a pivot and the deletion of the
 //!   overlay. `virt` 0.5 wraps none of the block-job calls, so they go
-//!   through `virt::sys` in one small function (`src/blockjob.rs`, the
-//!   crate's only unsafe code).
+//!   through `virt::sys` in one small function (`src/blockjob.rs`; the
+//!   event registration in `src/events.rs` is the other unsafe module).
 //! - **Errors** are [`LibvirtError`]s: each names the URI, the domain, the
 //!   operation and libvirt's error code by name and number, and maps onto
 //!   the core kinds (`VIR_ERR_NO_DOMAIN` → `NotFound`,
@@ -49,13 +49,15 @@
 //!   call and reopened after a loss; libvirt's default event loop runs on a
 //!   thread of its own so that keepalive notices a dead peer within about
 //!   15 s. Every blocking libvirt call runs on tokio's blocking pool.
-//! - **Lifecycle events** are not delivered ([`HypervisorCaps::lifecycle_events`](wspare_core::HypervisorCaps)
-//!   is false, `events()` is `None`): `virt` 0.5 has no safe wrapper for
-//!   `virConnectDomainEventRegisterAny`, and wiring the C callback by hand
-//!   would add a second, larger unsafe surface (callback trampolines, an
-//!   opaque pointer freed by libvirt) for a latency gain the failover
-//!   driver does not need: it polls `status` and detects failures through
-//!   heartbeats.
+//! - **Lifecycle events** (QEMU and Xen drivers): `events()` starts a
+//!   watcher thread with its own connection that registers a lifecycle
+//!   callback (`virConnectDomainEventRegisterAny`; `virt` 0.5 has no
+//!   wrapper, so this and the block jobs are the crate's two small unsafe
+//!   modules, each with its safety argument), reads the domain's real state
+//!   on every event and broadcasts it; a VM crash reaches the driver at
+//!   once instead of at its next poll. It re-registers after a reconnect;
+//!   events lost meanwhile are covered by the driver's periodic
+//!   observation.
 //!
 //! ## Xen through libvirt
 //!
@@ -110,6 +112,7 @@ mod blockjob;
 pub mod config;
 mod conn;
 pub mod error;
+mod events;
 pub mod fencer;
 pub mod hypervisor;
 pub mod state;

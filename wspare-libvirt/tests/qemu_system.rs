@@ -203,6 +203,10 @@ async fn define_start_marker_poweroff_restart_counter() {
     assert_eq!(lab.hv.status(&vm).await.unwrap().state, VmState::ShutOff);
     assert!(lab.hv.list().await.unwrap().contains(&vm));
 
+    let mut events = lab
+        .hv
+        .events()
+        .expect("the QEMU driver delivers lifecycle events");
     let t0 = Instant::now();
     lab.hv.start(&vm).await.unwrap();
     let log = lab.console(&vm);
@@ -214,6 +218,18 @@ async fn define_start_marker_poweroff_restart_counter() {
     // The guest powers itself off: libvirt reports "shut off (shutdown)".
     let st = lab.wait_state(&vm, VmState::ShutOff, BOOT).await;
     assert_eq!(st.reason.as_deref(), Some("shutdown"), "{st:?}");
+    // The same story arrived as lifecycle events, without polling.
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen.last() != Some(&VmState::ShutOff) {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Ok(ev)) if ev.vm == vm => seen.push(ev.status.state),
+            Ok(Ok(_)) => {}
+            other => panic!("lifecycle events stopped after {seen:?}: {other:?}"),
+        }
+    }
+    assert!(seen.contains(&VmState::Running), "events: {seen:?}");
+    println!("lifecycle events for {vm}: {seen:?}");
     assert_eq!(guest::read_counter(&disk).unwrap(), 1);
     println!(
         "first boot: counter 1 after {booted:?}, off after {:?}",
