@@ -89,6 +89,12 @@ impl UnixMillis {
     pub fn saturating_since(self, earlier: UnixMillis) -> Duration {
         Duration::from_millis(self.0.saturating_sub(earlier.0))
     }
+
+    /// The system clock now. (The machine never calls this: it is for
+    /// drivers and backends.)
+    pub fn now() -> Self {
+        UnixMillis::from_system_time(std::time::SystemTime::now())
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,17 @@ pub(crate) enum EnvValue {
 pub(crate) enum StdinData {
     Plain(Vec<u8>),
     Secret(Secret),
+    Parts(Vec<StdinPart>),
+}
+
+/// A piece of a command's stdin: plain text, or a secret (redacted when
+/// shown, and redacted on its own from any output).
+#[derive(Clone, Debug)]
+pub enum StdinPart {
+    /// Shown as is.
+    Plain(String),
+    /// Shown as `<redacted>`.
+    Secret(Secret),
 }
 
 impl Command {
@@ -91,6 +102,20 @@ impl Command {
     /// Feeds a secret on stdin (fence agents' `key=value` protocol).
     pub fn secret_stdin(mut self, data: Secret) -> Self {
         self.stdin = Some(StdinData::Secret(data));
+        self
+    }
+
+    /// Feeds stdin made of plain and secret parts (a fence agent's
+    /// `key=value` lines with a password among them): each secret is
+    /// redacted on its own from output, and tests see the plain parts.
+    pub fn stdin_parts(mut self, parts: Vec<StdinPart>) -> Self {
+        self.stdin = Some(StdinData::Parts(parts));
+        self
+    }
+
+    /// Also redacts `s` from any output that reaches an error.
+    pub fn redact_also(mut self, s: Secret) -> Self {
+        self.also_redact.push(s);
         self
     }
 
@@ -173,11 +198,22 @@ impl Command {
             .collect()
     }
 
-    /// Stdin bytes, secret exposed: only for the runner.
-    pub(crate) fn stdin_exposed(&self) -> Option<&[u8]> {
+    /// Stdin bytes, secrets exposed: only for the runner.
+    pub(crate) fn stdin_exposed(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        use std::borrow::Cow;
         self.stdin.as_ref().map(|s| match s {
-            StdinData::Plain(b) => b.as_slice(),
-            StdinData::Secret(s) => s.expose().as_bytes(),
+            StdinData::Plain(b) => Cow::Borrowed(b.as_slice()),
+            StdinData::Secret(s) => Cow::Borrowed(s.expose().as_bytes()),
+            StdinData::Parts(parts) => {
+                let mut v = Vec::new();
+                for p in parts {
+                    match p {
+                        StdinPart::Plain(t) => v.extend_from_slice(t.as_bytes()),
+                        StdinPart::Secret(s) => v.extend_from_slice(s.expose().as_bytes()),
+                    }
+                }
+                Cow::Owned(v)
+            }
         })
     }
 
@@ -187,6 +223,13 @@ impl Command {
         self.stdin.as_ref().map(|s| match s {
             StdinData::Plain(b) => String::from_utf8_lossy(b).into_owned(),
             StdinData::Secret(_) => "<redacted>".into(),
+            StdinData::Parts(parts) => parts
+                .iter()
+                .map(|p| match p {
+                    StdinPart::Plain(t) => t.as_str(),
+                    StdinPart::Secret(_) => "<redacted>",
+                })
+                .collect(),
         })
     }
 
@@ -199,8 +242,13 @@ impl Command {
                 EnvValue::Plain(_) => None,
             })
             .collect();
-        if let Some(StdinData::Secret(s)) = &self.stdin {
-            v.push(s);
+        match &self.stdin {
+            Some(StdinData::Secret(s)) => v.push(s),
+            Some(StdinData::Parts(parts)) => v.extend(parts.iter().filter_map(|p| match p {
+                StdinPart::Secret(s) => Some(s),
+                StdinPart::Plain(_) => None,
+            })),
+            _ => {}
         }
         v.extend(self.also_redact.iter());
         v
@@ -473,6 +521,33 @@ mod tests {
         assert!(!format!("{c:?}").contains("pw123"));
         let e = c.finish(None, vec![], vec![]).unwrap_err();
         assert!(e.to_string().ends_with("failed with a signal"), "{e}");
+    }
+
+    #[test]
+    fn stdin_parts_redact_each_secret() {
+        let c = Command::new("fence_ipmilan").stdin_parts(vec![
+            StdinPart::Plain("action=off\npassword=".into()),
+            StdinPart::Secret(Secret::new("hunter22")),
+            StdinPart::Plain("\n".into()),
+        ]);
+        assert_eq!(
+            c.stdin_redacted().unwrap(),
+            "action=off\npassword=<redacted>\n"
+        );
+        assert_eq!(
+            &*c.stdin_exposed().unwrap(),
+            b"action=off\npassword=hunter22\n"
+        );
+        let e = c
+            .finish(Some(1), vec![], b"Failed: bad password hunter22".to_vec())
+            .unwrap_err();
+        assert!(e.to_string().ends_with("bad password <redacted>"), "{e}");
+        let c = Command::new("x").redact_also(Secret::new("s3cr3t"));
+        let e = c.finish(Some(1), b"s3cr3t".to_vec(), vec![]).unwrap_err();
+        let CommandError::Exit { stdout, .. } = e else {
+            panic!()
+        };
+        assert_eq!(stdout, "<redacted>");
     }
 
     #[test]

@@ -113,7 +113,7 @@ impl CommandRunner for LocalRunner {
             let write = async {
                 if let (Some(mut s), Some(data)) = (stdin, cmd.stdin_exposed()) {
                     // A child that exits without reading all of stdin is not our error.
-                    let _ = s.write_all(data).await;
+                    let _ = s.write_all(&data).await;
                     let _ = s.shutdown().await;
                 }
             };

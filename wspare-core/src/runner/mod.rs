@@ -19,7 +19,7 @@ mod ssh;
 
 use async_trait::async_trait;
 
-pub use command::{tail, Command, CommandError, DisplayArgv, Output, STDERR_TAIL_BYTES};
+pub use command::{tail, Command, CommandError, DisplayArgv, Output, StdinPart, STDERR_TAIL_BYTES};
 pub use local::LocalRunner;
 pub use scripted::{Reply, ScriptedRunner};
 pub use secret::{redact, Secret};

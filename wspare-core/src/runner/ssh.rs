@@ -7,6 +7,7 @@ use async_trait::async_trait;
 
 use super::command::{EnvValue, StdinData};
 use super::quote::sh_quote;
+use super::StdinPart;
 use super::{Command, CommandError, CommandRunner, LineSink, LocalRunner, Output, Secret};
 use crate::error::Error;
 
@@ -123,15 +124,21 @@ impl SshRunner {
         script.push_str(&super::quote::sh_join(&cmd.argv()));
         args.push(script);
 
-        let stdin = match (secret_lines.is_empty(), cmd.stdin_data()) {
-            (true, s) => s.cloned(),
-            (false, None) => Some(StdinData::Secret(Secret::new(secret_lines))),
-            (false, Some(StdinData::Plain(b))) => Some(StdinData::Secret(Secret::new(
-                secret_lines + &String::from_utf8_lossy(b),
-            ))),
-            (false, Some(StdinData::Secret(s))) => {
-                Some(StdinData::Secret(Secret::new(secret_lines + s.expose())))
+        // Secret env values go first on stdin, each line read by the remote
+        // shell; the command's own stdin follows.
+        let stdin = if secret_lines.is_empty() {
+            cmd.stdin_data().cloned()
+        } else {
+            let mut parts = vec![StdinPart::Secret(Secret::new(secret_lines))];
+            match cmd.stdin_data() {
+                None => {}
+                Some(StdinData::Plain(b)) => {
+                    parts.push(StdinPart::Plain(String::from_utf8_lossy(b).into_owned()))
+                }
+                Some(StdinData::Secret(s)) => parts.push(StdinPart::Secret(s.clone())),
+                Some(StdinData::Parts(p)) => parts.extend(p.iter().cloned()),
             }
+            Some(StdinData::Parts(parts))
         };
         // `with_parts` keeps the original secrets for redaction.
         Ok(cmd.with_parts("ssh".into(), args, Vec::new(), stdin))
@@ -191,7 +198,7 @@ mod tests {
             "IFS= read -r IPMI_PASSWORD && export IPMI_PASSWORD && exec env LANG=C ipmitool -E chassis power 'status; reboot'"
         );
         assert!(!argv.iter().any(|a| a.contains("pw\n") || a == "pw"));
-        assert_eq!(w.stdin_exposed().unwrap(), b"pw\n");
+        assert_eq!(&*w.stdin_exposed().unwrap(), b"pw\n");
         assert_eq!(w.stdin_redacted().unwrap(), "<redacted>");
     }
 
