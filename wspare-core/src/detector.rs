@@ -162,6 +162,14 @@ impl Detector {
         false
     }
 
+    /// Suspects the peer now, as a machine restored in the middle of
+    /// acting on a suspicion must: `recovery-heartbeats` heartbeats in a row
+    /// clear it again, exactly as after `check`.
+    pub fn suspect(&mut self) {
+        self.suspected = true;
+        self.streak = 0;
+    }
+
     /// Whether the peer is suspected (as of the last `check`).
     pub fn is_suspected(&self) -> bool {
         self.suspected

@@ -15,8 +15,10 @@
 //!   generation larger than every earlier one, and `status().newest` is then
 //!   that generation. Generations never go backwards, across `reverse` too.
 //! - **R3 complete or nothing**: a sync that fails, or whose future is
-//!   dropped midway, leaves `status().newest` as it was, that generation stays
-//!   promotable with its content intact, and the next sync succeeds.
+//!   dropped midway, leaves `status().newest` as it was (or, if the drop came
+//!   after the cycle's commit point, a newer complete generation), that
+//!   generation stays promotable with its content intact, and the next sync
+//!   succeeds.
 //! - **R4 point in time**: the disks `promote(g)` returns hold exactly the
 //!   source's content at `g`'s point in time, for every disk. `promote` does
 //!   not consume the generation: it may be called again for the same `g`

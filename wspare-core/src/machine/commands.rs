@@ -134,6 +134,29 @@ impl Machine {
                 } else {
                     "operator resumed"
                 };
+                if let Phase::Blocked {
+                    on:
+                        BlockedOn::FailoverStartFailed {
+                            receipt,
+                            generation,
+                        },
+                    ..
+                } = self.phase.clone()
+                {
+                    // The VM is not defined here yet: only a start from the
+                    // promoted generation can bring it up.
+                    let local = self.local();
+                    self.transition(
+                        Phase::Starting {
+                            receipt,
+                            generation,
+                            attempt: 0,
+                        },
+                        format!("{cause}; starting the VM on {local} from {generation} again"),
+                    );
+                    self.timers.retry = self.now;
+                    return Ok(());
+                }
                 self.enter_recovering(cause.into());
                 Ok(())
             }

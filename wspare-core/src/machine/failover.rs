@@ -450,10 +450,16 @@ impl Machine {
                         self.timers.retry = self.now + self.cfg.policy.retry_backoff;
                     } else {
                         let reason = format!(
-                            "starting the VM on {} from {generation} failed: {f}",
+                            "starting the VM on {} from {generation} failed: {f}; resume to try again",
                             self.cfg.local
                         );
-                        self.block(BlockedOn::StartFailed, reason);
+                        self.block(
+                            BlockedOn::FailoverStartFailed {
+                                receipt,
+                                generation,
+                            },
+                            reason,
+                        );
                     }
                 }
             },

@@ -525,9 +525,17 @@ impl Machine {
         }
     }
 
+    /// Observes the peer's copy, unless an observation for the same reason
+    /// is in flight. (One asked for another reason is answered to that
+    /// reason: a restart waiting for a receipt behind a suspicion's
+    /// observation would wait forever.)
     fn observe_peer(&mut self, why: Why) {
         let peer = self.peer();
-        if !self.in_flight(|o| matches!(o, Op::Observe { node } if *node == peer)) {
+        let asked = self
+            .pending
+            .iter()
+            .any(|p| p.why == why && matches!(&p.op, Op::Observe { node } if *node == peer));
+        if !asked {
             self.issue(Op::Observe { node: peer }, why);
         }
     }

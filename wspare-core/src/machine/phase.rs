@@ -150,6 +150,16 @@ pub enum BlockedOn {
     },
     /// Promoting or starting failed.
     StartFailed,
+    /// This node took the pair over (its generation promoted, at a new
+    /// epoch) but the VM would not start: `resume` starts it from the
+    /// promoted generation again (it is not defined on this node yet, so a
+    /// restart in place cannot).
+    FailoverStartFailed {
+        /// Proof the other copy is off.
+        receipt: FenceReceipt,
+        /// The promoted generation.
+        generation: Generation,
+    },
 }
 
 /// A phase's name, without its data: for status, views and events.

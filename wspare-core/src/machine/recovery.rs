@@ -59,16 +59,33 @@ impl Machine {
             p if p.is_steady() || p == Phase::Suspect || p == Phase::Recovering => {
                 m.enter_recovering("restarted from the journal".into())
             }
+            // An active node that was fencing its lost spare, or restarting
+            // its VM in place: while it was down, the spare may have fenced
+            // it and taken over. Find out first (its own copy, the peer's
+            // view), as from a steady phase.
+            Phase::Fencing {
+                failover: false, ..
+            }
+            | Phase::Restarting { .. } => m.enter_recovering(
+                "restarted from the journal; the peer may have taken over meanwhile".into(),
+            ),
+            // A spare fencing the active node. The suspicion that led here
+            // is not journaled and the restored detector holds none, so no
+            // heartbeat could call the fence off: suspect again, so that a
+            // peer that answers (this node was the one cut off, and fenced)
+            // clears it as during the delay, and a silent one is fenced.
             Phase::Fencing { .. } if !unknown.iter().any(|p| matches!(p.op, Op::Fence { .. })) => {
                 m.timers.fence = now + m.cfg.peer_fence_delay;
+                m.detector.suspect();
             }
+            Phase::Fencing { .. } => m.detector.suspect(),
             Phase::HandingOver {
                 step: HandoverStep::Offered,
                 ..
             } => {
                 m.timers.handover = now + m.cfg.policy.handover_timeout;
             }
-            Phase::Blocked { .. } | Phase::Fencing { .. } => {}
+            Phase::Blocked { .. } => {}
             _ if unknown.is_empty() => m.timers.retry = now,
             _ => {}
         }
@@ -122,7 +139,9 @@ impl Machine {
                 self.settle(format!(
                     "recovered: the VM is {local_state} on {local}; {how}"
                 ));
-            } else if peer_seen || self.peer_lost {
+            } else if peer_seen {
+                // Only the peer's view says it did not take over: a peer
+                // lost before this node went down may have come back since.
                 self.settle(format!("recovered as active; the VM is {local_state}"));
                 if self.phase.is_steady() {
                     self.on_local_down(local_state);

@@ -54,6 +54,12 @@ impl SshTarget {
 /// Runs each command as `ssh ... destination -- 'quoted' 'argv'` through a
 /// [`LocalRunner`]. The remote login shell must be POSIX (sh, bash, dash).
 ///
+/// Each command is a new ssh session (about a second on a slow link, plus
+/// the remote login shell's start-up). Backends that run many short
+/// commands should set connection multiplexing in [`SshTarget::options`]:
+/// `ControlMaster=auto`, `ControlPath=/run/wspare/ssh-%C`,
+/// `ControlPersist=60`.
+///
 /// Secret environment variables travel on stdin, ahead of the command's own
 /// stdin, and the remote shell `read`s them, so they never appear in any
 /// argv, local or remote. ssh's own failures (exit 255) map to

@@ -245,3 +245,29 @@ fn the_hand_over_waits_while_the_peer_is_taking_over() {
     );
     assert_eq!(h.phase(), PhaseName::HandingOver);
 }
+
+#[test]
+fn a_restart_behind_a_suspicions_observation_asks_for_its_own_receipt() {
+    // Found by the swarm simulator: the VM crashed while the spare was
+    // suspected; the restart's "is the peer's copy off?" was folded into
+    // the suspicion's observation in flight, whose answer went to the
+    // suspicion, and the restart waited forever.
+    let mut a = active_protected(policy());
+    a.advance(Duration::from_secs(20));
+    assert_eq!(a.take(), ["observe VM on b"]);
+    a.input(Input::VmObserved {
+        node: n("a"),
+        state: VmState::Crashed,
+    });
+    assert_eq!(a.phase(), PhaseName::Restarting);
+    assert_eq!(a.take(), ["destroy VM on a"]);
+    a.answer(
+        "destroy VM on a",
+        Outcome::Ok(Answer::Stopped(off_receipt("a"))),
+    );
+    assert_eq!(a.take(), ["observe VM on b"], "its own observation");
+    // The suspicion's observation answers first, then the restart's.
+    a.answer("observe VM on b", unreachable());
+    a.answer("observe VM on b", observed("b", VmState::ShutOff));
+    assert_eq!(a.take(), ["start VM on a in place"]);
+}

@@ -478,3 +478,42 @@ fn a_stale_spare_never_fails_over() {
     ));
     assert!(h.take().is_empty());
 }
+
+#[test]
+fn a_failover_whose_start_fails_is_resumed_from_the_promoted_generation() {
+    // Found by the swarm simulator: the start failed (the new active's
+    // hypervisor was down) until the pair blocked; `resume` went through a
+    // restart in place, which cannot start a VM that was never defined on
+    // this node, and the pair stayed down for good.
+    let mut h = spare_protected(policy());
+    silence_until_suspect(&mut h);
+    h.answer("observe VM on a", unreachable());
+    h.answer("query replica", report("a", "b", 5, 8));
+    h.answer("fence a", Outcome::Ok(Answer::Fenced(power_receipt("a"))));
+    h.answer("observe VM on a", unreachable());
+    h.answer("promote g5 on b", Outcome::Ok(Answer::Promoted(g(5))));
+    h.take();
+    for _ in 0..policy().restart_limit {
+        h.answer("start VM on b from g5", unreachable());
+        h.advance(policy().retry_backoff);
+    }
+    assert!(
+        matches!(
+            h.m.phase(),
+            Phase::Blocked {
+                on: BlockedOn::FailoverStartFailed { .. },
+                ..
+            }
+        ),
+        "{:?}",
+        h.m.phase()
+    );
+    h.take();
+    h.command(Command::Resume {
+        accept_data_loss: false,
+    });
+    assert_eq!(h.take(), ["start VM on b from g5"]);
+    assert_eq!(h.m.epoch(), Epoch(1), "the epoch of the failover, not a new one");
+    h.answer("start VM on b from g5", done());
+    assert_eq!(h.phase(), PhaseName::Unprotected);
+}

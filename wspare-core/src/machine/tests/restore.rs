@@ -223,6 +223,118 @@ fn a_returned_primary_without_peer_contact_blocks() {
     assert_eq!(a.m.epoch(), Epoch(1));
 }
 
+/// A, active, loses its spare B and starts fencing it.
+fn active_fencing_its_spare() -> H {
+    let mut a = active_protected(policy());
+    a.advance(Duration::from_secs(20));
+    assert_eq!(a.take(), ["observe VM on b"]);
+    a.answer("observe VM on b", unreachable());
+    assert_eq!(a.take(), ["fence b"]);
+    a
+}
+
+#[test]
+fn an_active_restarted_while_fencing_its_spare_waits_for_the_peer() {
+    // Found by the swarm simulator: A went down (fenced by B) while it was
+    // fencing B; B took over; A came back in a partition, resumed fencing
+    // B, fenced it and restarted its stale copy in place.
+    let mut a = active_fencing_its_spare();
+    crash(&mut a);
+    assert_eq!(a.phase(), PhaseName::Recovering);
+    assert_eq!(a.take(), ["observe VM on a", "read power status of b"]);
+    a.answer("observe VM on a", observed("a", VmState::ShutOff));
+    a.advance(policy().peer_wait);
+    assert!(
+        matches!(
+            a.m.phase(),
+            Phase::Blocked {
+                on: BlockedOn::NoPeerContact { .. },
+                ..
+            }
+        ),
+        "{:?}",
+        a.m.phase()
+    );
+    assert!(a.pending().iter().all(|o| !o.starts_with("start")));
+    // B's view shows it took over: A's copy is stale.
+    a.input(Input::Heartbeat {
+        from: n("b"),
+        view: Some(PeerView {
+            epoch: Epoch(1),
+            active: n("b"),
+            ..view_b(6)
+        }),
+    });
+    assert_eq!(a.phase(), PhaseName::Stale);
+}
+
+#[test]
+fn a_spare_fenced_before_a_restart_is_no_proof_after_it() {
+    // Found by the swarm simulator: A fenced its lost spare B, then lost
+    // power; B came back and took over; A came back while B was down and
+    // restarted its stale copy on the old receipt.
+    let mut a = active_fencing_its_spare();
+    a.answer("fence b", Outcome::Ok(Answer::Fenced(power_receipt("b"))));
+    assert_eq!(a.phase(), PhaseName::Unprotected);
+    a.take();
+    crash(&mut a);
+    assert_eq!(a.take(), ["observe VM on a"]);
+    a.answer("observe VM on a", observed("a", VmState::ShutOff));
+    a.advance(policy().peer_wait);
+    assert!(
+        matches!(
+            a.m.phase(),
+            Phase::Blocked {
+                on: BlockedOn::NoPeerContact { .. },
+                ..
+            }
+        ),
+        "{:?}",
+        a.m.phase()
+    );
+    assert!(a.take().is_empty(), "nothing is started on the old receipt");
+}
+
+/// B, spare, waiting out A's fence delay of 10 s in a partition.
+fn spare_in_fence_delay() -> H {
+    let mut c = cfg("b", policy());
+    c.peer_fence_delay = Duration::from_secs(10);
+    let mut h = spare_protected_cfg(c);
+    h.advance(Duration::from_secs(10));
+    assert_eq!(h.take(), ["observe VM on a"]);
+    h.answer("observe VM on a", unreachable());
+    h.answer("query replica", report("a", "b", 5, 8));
+    assert_eq!(h.phase(), PhaseName::Fencing);
+    assert!(h.take().is_empty());
+    h
+}
+
+#[test]
+fn a_spare_restarted_in_the_fence_delay_does_not_fence_a_peer_that_answers() {
+    // Found by the end-to-end test: in a partition, A fenced B (its power,
+    // agent included) while B waited out A's fence delay. B came back with
+    // the fence timer restored and a fresh detector holding no suspicion,
+    // so A's heartbeats could not call the fence off: B fenced a healthy A.
+    let mut h = spare_in_fence_delay();
+    crash(&mut h);
+    assert_eq!(h.phase(), PhaseName::Fencing);
+    h.beats(3, Some(view_a(5)));
+    assert_eq!(h.phase(), PhaseName::Protected, "{:?}", h.transitions());
+    h.beats(30, Some(view_a(5)));
+    let ops = h.take();
+    assert!(!ops.iter().any(|o| o.starts_with("fence")), "A is never fenced: {ops:?}");
+}
+
+#[test]
+fn a_spare_restarted_in_the_fence_delay_fences_a_silent_peer() {
+    let mut h = spare_in_fence_delay();
+    crash(&mut h);
+    h.advance(Duration::from_millis(9999));
+    assert!(h.take().is_empty());
+    h.advance(Duration::from_millis(1));
+    assert_eq!(h.take(), ["fence a"]);
+}
+
 #[test]
 fn restore_rejects_a_snapshot_of_another_pair_or_node() {
     let h = spare_protected(policy());
