@@ -9,8 +9,8 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainStateReason};
 use virt::sys;
 use wspare_core::{
-    Consistency, DiskSpec, FrozenDisk, FrozenDisks, Hypervisor, HypervisorCaps, Result, UnixMillis,
-    VmName, VmSpec, VmState, VmStatus,
+    Consistency, DiskFormat, DiskSpec, FrozenDisk, FrozenDisks, Hypervisor, HypervisorCaps, Result,
+    UnixMillis, VmName, VmSpec, VmState, VmStatus,
 };
 
 use crate::blockjob::{block_job, BlockJobOp};
@@ -813,6 +813,48 @@ impl Hypervisor for LibvirtHypervisor {
     async fn freeze_disks(&self, vm: &VmName) -> Result<FrozenDisks> {
         const OP: &str = "freezing the disks";
         let supported = self.capabilities().freeze.is_some();
+        // H8: a freeze left behind by a caller that crashed before its
+        // release (the disk still writes to one of our overlays) is
+        // released first, by the same active commit and pivot.
+        if supported {
+            let name = vm.to_string();
+            let leftovers = self
+                .call(Some(vm), OP, true, move |c, at| {
+                    let Some(dom) = lookup_opt(c, at, &name)? else {
+                        return Ok(Vec::new());
+                    };
+                    if !is_active(&dom, at)? {
+                        return Ok(Vec::new());
+                    }
+                    Ok(disks_of(&dom, at, false)?
+                        .into_iter()
+                        .filter(|d| d.spec.path.to_string_lossy().contains(OVERLAY_MARK))
+                        .filter_map(|d| {
+                            let (base, format) = d.backing.clone()?;
+                            let format = match format.as_deref() {
+                                Some("qcow2") => DiskFormat::Qcow2,
+                                _ => DiskFormat::Raw,
+                            };
+                            Some(FrozenDisk {
+                                target: d.spec.target.clone(),
+                                path: base,
+                                format,
+                                overlay: Some(d.spec.path.clone()),
+                            })
+                        })
+                        .collect::<Vec<_>>())
+                })
+                .await?;
+            for d in &leftovers {
+                tracing::warn!(
+                    vm = %vm,
+                    disk = %d.target,
+                    overlay = %d.overlay.as_deref().unwrap_or(Path::new("")).display(),
+                    "releasing a freeze left behind by a caller that did not release it"
+                );
+                self.release_one(vm, d).await?;
+            }
+        }
         let this = self.clone();
         let vm2 = vm.clone();
         let name = vm.to_string();

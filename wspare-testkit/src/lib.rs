@@ -8,6 +8,9 @@
 //!   [`Fencer`](wspare_core::Fencer) (F1..F8) contracts is a named case.
 //! - [`sim`]: sim backends over a deterministic in-memory world, for the
 //!   simulator and for tests that need a whole cluster without hosts.
+//! - [`swarm`]: the deterministic swarm simulator: clusters of real
+//!   failover machines on the sim backends under seeded faults, every step
+//!   checked against the safety invariants, then a liveness phase.
 //! - [`guest`]: the tiny real test guest, for backends' real-VM tests.
 //! - `mocks` (feature `mocks`): mockall mocks of the three traits, for
 //!   integrators' unit tests.
@@ -138,6 +141,7 @@
 pub mod guest;
 pub mod sim;
 pub mod suite;
+pub mod swarm;
 
 #[cfg(feature = "mocks")]
 pub mod mocks;

@@ -67,6 +67,8 @@ enum HvBug {
     FreezeDoesNotFreeze,
     /// `release_disks` throws away what the guest wrote during the freeze.
     ReleaseLosesWrites,
+    /// `freeze_disks` refuses while a crashed caller's freeze is left behind.
+    RefreezeRefused,
     /// `detach_disk` of a slot that is not attached answers Ok.
     DetachOfMissingSlotOk,
     /// `list` repeats the first VM.
@@ -191,6 +193,20 @@ impl Hypervisor for BrokenHv {
     }
 
     async fn freeze_disks(&self, vm: &VmName) -> Result<FrozenDisks> {
+        if self.bug == HvBug::RefreezeRefused {
+            let spec = self.inner.spec(vm).await?;
+            let overlay = spec.disks.first().map(|d| {
+                let mut p = d.path.clone().into_os_string();
+                p.push(".wspare-overlay");
+                std::path::PathBuf::from(p)
+            });
+            if overlay.is_some_and(|p| self.world.image(&node_a(), &p).is_some()) {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("VM {vm}'s disks are already frozen"),
+                ));
+            }
+        }
         let f = self.inner.freeze_disks(vm).await?;
         if self.bug == HvBug::FreezeDoesNotFreeze {
             self.inner.release_disks(&f).await?;
@@ -326,6 +342,17 @@ async fn h8_catches_a_release_that_loses_the_guests_writes() {
         &["H8"],
         "H8",
         "the guest's writes during the freeze are lost",
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn h8_catches_a_freeze_left_behind_that_blocks_every_later_one() {
+    let r = run_broken_hypervisor(HvBug::RefreezeRefused).await;
+    assert_caught(
+        &r,
+        &["H8"],
+        "H8",
+        "after a freeze left behind by a crashed caller failed: VM wspare-ct-h8's disks are already frozen",
     );
 }
 

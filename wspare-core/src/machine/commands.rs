@@ -119,6 +119,12 @@ impl Machine {
                 }
                 self.confirm_down(receipt)
             }
+            Command::StandDown => {
+                if self.maintenance {
+                    return Err(busy("stand-down"));
+                }
+                self.stand_down()
+            }
             Command::Resume { accept_data_loss } => {
                 if self.maintenance {
                     return Err(busy("resume"));
@@ -161,6 +167,57 @@ impl Machine {
                 Ok(())
             }
         }
+    }
+
+    fn stand_down(&mut self) -> Result<(), String> {
+        let peer = self.peer();
+        if !matches!(
+            self.phase,
+            Phase::Blocked {
+                on: BlockedOn::SplitBrain | BlockedOn::NoPeerContact { .. },
+                ..
+            }
+        ) {
+            return Err(format!(
+                "stand-down resolves a split brain; the pair is {}",
+                self.phase.name()
+            ));
+        }
+        let Some((v, _)) = self.peer_view.clone() else {
+            return Err(format!(
+                "nothing heard from {peer} yet: stand-down makes this node {peer}'s spare, so {peer} must be heard first"
+            ));
+        };
+        if v.active == self.cfg.local {
+            return Err(format!(
+                "{peer} says this node ({}) is active: stand down on {peer} instead",
+                self.cfg.local
+            ));
+        }
+        self.epoch = self.epoch.max(v.epoch);
+        self.active = v.active.clone();
+        self.stale_floor = Some(
+            v.newest
+                .map(|g| g.generation)
+                .or(self.newest.map(|g| g.generation))
+                .unwrap_or_default(),
+        );
+        self.peer_lost = false;
+        self.peer_receipt = None;
+        self.needs_reverse = false;
+        self.needs_initial = false;
+        self.restarts.clear();
+        let local = self.local();
+        self.transition(
+            Phase::Stale,
+            format!(
+                "operator stood {local} down: {} keeps the pair at epoch {}; the copy here is stale and will be resynced",
+                self.active, self.epoch
+            ),
+        );
+        self.issue(Op::DestroyVm { node: local }, Why::Routine);
+        self.arm_steady_timers();
+        Ok(())
     }
 
     fn request_handover(&mut self, what: &str) -> Result<(), String> {

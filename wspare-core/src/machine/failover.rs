@@ -400,14 +400,7 @@ impl Machine {
                         self.epoch
                     ),
                 );
-                self.issue(
-                    Op::StartVm {
-                        node: local,
-                        receipt,
-                        generation: Some(generation),
-                    },
-                    Why::Routine,
-                );
+                self.start_spare(receipt, generation);
             }
             other => {
                 let f = failure(other, "promote");
@@ -472,6 +465,33 @@ impl Machine {
         }
     }
 
+    /// Starts the VM here from the promoted generation. A failover's
+    /// receipt proves the fenced peer was off when it was fenced; if the
+    /// peer is heard again since (powered back on, its agent restarted), it
+    /// no longer proves that its copy is off now, so the copy is observed
+    /// first for a fresh receipt (`on_peer_receipt`).
+    pub(super) fn start_spare(&mut self, receipt: FenceReceipt, generation: Generation) {
+        if self.peer_lost && !self.detector.is_suspected() {
+            let peer = self.peer();
+            self.notice(format!(
+                "{peer} is heard again since it was fenced; proving its copy off before starting here"
+            ));
+            self.observe_peer(Why::PeerReceipt);
+            return;
+        }
+        if self.in_flight(|o| matches!(o, Op::StartVm { .. })) {
+            return;
+        }
+        self.issue(
+            Op::StartVm {
+                node: self.local(),
+                receipt,
+                generation: Some(generation),
+            },
+            Why::Routine,
+        );
+    }
+
     /// The retry timer: repeat the step the current phase is stuck on.
     pub(super) fn retry_now(&mut self) {
         if self.maintenance {
@@ -494,14 +514,7 @@ impl Machine {
                 generation,
                 ..
             } if !self.in_flight(|o| matches!(o, Op::StartVm { .. })) => {
-                self.issue(
-                    Op::StartVm {
-                        node: self.local(),
-                        receipt,
-                        generation: Some(generation),
-                    },
-                    Why::Routine,
-                );
+                self.start_spare(receipt, generation);
             }
             Phase::Restarting { .. } => self.restart_step(),
             Phase::HandingOver {

@@ -11,6 +11,14 @@ impl Machine {
         if !self.is_active() || self.maintenance {
             return;
         }
+        if let Some(phase) = self.peer_taking_over() {
+            let peer = self.peer();
+            self.notice(format!(
+                "the VM is {s} on {}, but {peer} is taking the pair over ({phase}): not restarting it here",
+                self.cfg.local
+            ));
+            return;
+        }
         let p = &self.cfg.policy;
         let window = p.restart_window;
         while self
@@ -179,6 +187,40 @@ impl Machine {
                 Ok((s, _)) if s.is_live() => {
                     let reason = format!(
                         "switchover aborted, but the VM is {s} on {peer}: two copies may run"
+                    );
+                    self.block(BlockedOn::SplitBrain, reason);
+                }
+                _ => self.timers.retry = self.now + self.cfg.policy.retry_backoff,
+            },
+            Phase::Starting {
+                generation,
+                attempt,
+                ..
+            } => match r {
+                Ok((_, Some(rc))) => {
+                    if self.peer_lost {
+                        self.peer_receipt = Some(rc.clone());
+                    }
+                    self.phase = Phase::Starting {
+                        receipt: rc.clone(),
+                        generation,
+                        attempt,
+                    };
+                    if !self.in_flight(|o| matches!(o, Op::StartVm { .. })) {
+                        self.issue(
+                            Op::StartVm {
+                                node: self.local(),
+                                receipt: rc,
+                                generation: Some(generation),
+                            },
+                            Why::Routine,
+                        );
+                    }
+                }
+                Ok((s, _)) if s.is_live() => {
+                    let reason = format!(
+                        "{peer} was fenced, came back, and its VM is {s}: not starting a second copy on {}",
+                        self.cfg.local
                     );
                     self.block(BlockedOn::SplitBrain, reason);
                 }

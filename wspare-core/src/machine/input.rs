@@ -75,6 +75,11 @@ pub enum Command {
     /// The operator states that a node is down; the receipt is built by the
     /// caller with [`FenceReceipt::from_operator`].
     ConfirmDown(FenceReceipt),
+    /// Resolve a split brain: this node's copy loses. Its VM is destroyed,
+    /// the peer's claim (epoch, active node) is taken, and the copy here is
+    /// stale until the peer resyncs it. Only when blocked on a split brain
+    /// or on missing peer contact, and once the peer's view was heard.
+    StandDown,
     /// Leave the blocked state and decide again. With `accept_data_loss`, a
     /// failover that waited because the replica was older than the
     /// data-loss bound goes ahead.

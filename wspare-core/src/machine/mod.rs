@@ -514,6 +514,23 @@ impl Machine {
         }
     }
 
+    /// The peer's phase, if its latest view says it is taking this pair
+    /// over from this node (at this epoch) and this node has not fenced it
+    /// since: then this node must not start its own copy.
+    fn peer_taking_over(&self) -> Option<PhaseName> {
+        let (v, _) = self.peer_view.as_ref()?;
+        let taking = matches!(
+            v.phase,
+            PhaseName::Fencing
+                | PhaseName::FenceCheck
+                | PhaseName::Promoting
+                | PhaseName::Starting
+                | PhaseName::TakingOver
+        );
+        (taking && v.epoch == self.epoch && v.active == self.active && !self.peer_lost)
+            .then_some(v.phase)
+    }
+
     fn in_flight(&self, f: impl Fn(&Op) -> bool) -> bool {
         self.pending.iter().any(|p| f(&p.op))
     }

@@ -59,14 +59,23 @@ impl Machine {
             p if p.is_steady() || p == Phase::Suspect || p == Phase::Recovering => {
                 m.enter_recovering("restarted from the journal".into())
             }
-            // An active node that was fencing its lost spare, or restarting
-            // its VM in place: while it was down, the spare may have fenced
-            // it and taken over. Find out first (its own copy, the peer's
-            // view), as from a steady phase.
+            // An active node that was fencing its lost spare, restarting its
+            // VM in place, or handing the pair over (short of the offer):
+            // while it was down, the spare may have fenced it and taken
+            // over. Find out first (its own copy, the peer's view), as from
+            // a steady phase, instead of carrying on at a stale epoch.
             Phase::Fencing {
                 failover: false, ..
             }
-            | Phase::Restarting { .. } => m.enter_recovering(
+            | Phase::Restarting { .. }
+            | Phase::HandingOver {
+                step:
+                    HandoverStep::Stop
+                    | HandoverStep::FinalSync
+                    | HandoverStep::Verify
+                    | HandoverStep::Abort,
+                ..
+            } => m.enter_recovering(
                 "restarted from the journal; the peer may have taken over meanwhile".into(),
             ),
             // A spare fencing the active node. The suspicion that led here
@@ -79,6 +88,25 @@ impl Machine {
                 m.detector.suspect();
             }
             Phase::Fencing { .. } => m.detector.suspect(),
+            // A spare in the middle of a failover: the peer was fenced, and
+            // so was suspected; a restored detector must not trust it
+            // before it is heard (then its copy is observed afresh before
+            // the start, see `start_spare`).
+            Phase::FenceCheck { .. }
+            | Phase::Promoting {
+                takeover: false, ..
+            } => {
+                m.detector.suspect();
+                if unknown.is_empty() {
+                    m.timers.retry = now;
+                }
+            }
+            Phase::Starting { .. } if m.peer_lost => {
+                m.detector.suspect();
+                if unknown.is_empty() {
+                    m.timers.retry = now;
+                }
+            }
             Phase::HandingOver {
                 step: HandoverStep::Offered,
                 ..
@@ -139,6 +167,12 @@ impl Machine {
                 self.settle(format!(
                     "recovered: the VM is {local_state} on {local}; {how}"
                 ));
+            } else if let Some(phase) = self.peer_taking_over() {
+                // The peer is failing this node over: wait for its epoch.
+                self.notice(format!(
+                    "the VM is {local_state} here and {peer} is taking the pair over ({phase}); waiting for it"
+                ));
+                self.timers.peer_wait = self.now + self.cfg.policy.peer_wait;
             } else if peer_seen {
                 // Only the peer's view says it did not take over: a peer
                 // lost before this node went down may have come back since.
@@ -231,7 +265,12 @@ impl Machine {
         let orig = Why::Reobserve(Box::new((op.clone(), why.clone())));
         match op {
             Op::Observe { .. } | Op::QueryReplica | Op::PowerStatus { .. } | Op::Verify { .. } => {
-                self.issue(op, why);
+                // Asked again, unless the same question is pending already
+                // (a restart's own observation): repeated restarts must not
+                // pile up twins.
+                if !self.pending.iter().any(|p| p.op == op && p.why == why) {
+                    self.issue(op, why);
+                }
             }
             Op::Sync { .. }
             | Op::InitialSync { .. }

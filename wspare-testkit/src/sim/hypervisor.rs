@@ -21,7 +21,8 @@ use super::world::{ms, Fault, Freeze, Guest, GuestMode, Host, Images, Run, SimWo
 /// - `shutdown` sends ACPI and polls: a guest that honours it powers off
 ///   [`SimConfig::guest_acpi_delay`](super::SimConfig) after it booted.
 /// - `freeze_disks` points the guest's writes at overlays
-///   (`<image>.wspare-overlay`); `release_disks` folds them back.
+///   (`<image>.wspare-overlay`); `release_disks` folds them back, and so
+///   does the next `freeze_disks` if a crashed caller never released.
 /// - `define` of a running VM is refused (`Conflict`).
 #[derive(Clone, Debug)]
 pub struct SimHypervisor {
@@ -309,12 +310,9 @@ impl Hypervisor for SimHypervisor {
                     format!("VM {vm} is {}: its disks are already consistent", v.state),
                 ));
             }
-            if v.freeze.is_some() {
-                return Err(self.err(
-                    ErrorKind::Conflict,
-                    format!("VM {vm}'s disks are already frozen"),
-                ));
-            }
+            // A freeze left behind by a caller that crashed before its
+            // release is released first (H8).
+            v.merge_overlays(&node, images);
             let mut overlays = Vec::new();
             let mut disks = Vec::new();
             for d in &v.spec.disks {

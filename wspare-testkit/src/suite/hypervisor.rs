@@ -626,6 +626,27 @@ async fn h8_freeze(env: &dyn HypervisorEnv) -> Verdict {
         first.target,
         first.path.display()
     );
+    // A caller that crashes between freeze and release leaves the freeze
+    // behind: the next freeze_disks releases it and freezes afresh.
+    let _left_behind = call(
+        format!("freeze_disks({vm}) (a caller that will crash)"),
+        hv.freeze_disks(&vm),
+    )
+    .await?;
+    pause("the guest writes into the left-behind freeze", step).await;
+    let again = call(
+        format!("freeze_disks({vm}) after a freeze left behind by a crashed caller"),
+        hv.freeze_disks(&vm),
+    )
+    .await?;
+    call(format!("release_disks({vm})"), hv.release_disks(&again)).await?;
+    expect_state(
+        hv,
+        &vm,
+        VmState::Running,
+        "release_disks() after a freeze left behind",
+    )
+    .await?;
     Ok(())
 }
 

@@ -513,7 +513,11 @@ fn a_failover_whose_start_fails_is_resumed_from_the_promoted_generation() {
         accept_data_loss: false,
     });
     assert_eq!(h.take(), ["start VM on b from g5"]);
-    assert_eq!(h.m.epoch(), Epoch(1), "the epoch of the failover, not a new one");
+    assert_eq!(
+        h.m.epoch(),
+        Epoch(1),
+        "the epoch of the failover, not a new one"
+    );
     h.answer("start VM on b from g5", done());
     assert_eq!(h.phase(), PhaseName::Unprotected);
 }

@@ -322,7 +322,10 @@ fn a_spare_restarted_in_the_fence_delay_does_not_fence_a_peer_that_answers() {
     assert_eq!(h.phase(), PhaseName::Protected, "{:?}", h.transitions());
     h.beats(30, Some(view_a(5)));
     let ops = h.take();
-    assert!(!ops.iter().any(|o| o.starts_with("fence")), "A is never fenced: {ops:?}");
+    assert!(
+        !ops.iter().any(|o| o.starts_with("fence")),
+        "A is never fenced: {ops:?}"
+    );
 }
 
 #[test]
@@ -333,6 +336,49 @@ fn a_spare_restarted_in_the_fence_delay_fences_a_silent_peer() {
     assert!(h.take().is_empty());
     h.advance(Duration::from_millis(1));
     assert_eq!(h.take(), ["fence a"]);
+}
+
+#[test]
+fn an_active_restarted_in_a_switchover_does_not_finish_it_blindly() {
+    // Found by the swarm simulator: A's driver died while it shut the VM
+    // down for a switchover; B failed A over (fencing it) at epoch 1; A came
+    // back, found the VM stopped and ran the final sync to B at epoch 0,
+    // over B's newer data.
+    let mut a = active_protected(policy());
+    a.command(Command::Switchover);
+    assert_eq!(a.take(), ["shut down VM on a"]);
+    crash(&mut a);
+    assert_eq!(a.phase(), PhaseName::Recovering);
+    // Its own copy, for the recovery and for the lost shutdown's outcome.
+    assert_eq!(a.take(), ["observe VM on a", "observe VM on a"]);
+    a.answer("observe VM on a", observed("a", VmState::ShutOff));
+    a.answer("observe VM on a", observed("a", VmState::ShutOff));
+    assert!(
+        a.take().iter().all(|o| !o.starts_with("sync")),
+        "no final sync before the peer is heard"
+    );
+    a.input(Input::Heartbeat {
+        from: n("b"),
+        view: Some(PeerView {
+            epoch: Epoch(1),
+            active: n("b"),
+            ..view_b(6)
+        }),
+    });
+    assert_eq!(a.phase(), PhaseName::Stale);
+    assert!(a.take().iter().all(|o| !o.starts_with("sync")));
+}
+
+#[test]
+fn restarts_in_a_row_do_not_pile_up_observations() {
+    // Found by the fuzzer: each restart re-asked every unanswered
+    // observation and added its own, so a driver that kept crashing before
+    // any answer grew its pending list (and journal) by one each time.
+    let mut a = active_protected(policy());
+    for _ in 0..20 {
+        crash(&mut a);
+    }
+    assert_eq!(a.pending(), ["observe VM on a"], "{:?}", a.pending());
 }
 
 #[test]
@@ -382,5 +428,129 @@ fn unknown_reverse_is_observed_and_not_repeated_when_done() {
         h.take(),
         ["initial sync b -> a"],
         "already reversed: not reversed twice"
+    );
+}
+
+#[test]
+fn a_spare_restored_mid_failover_proves_a_returned_peer_off_before_starting() {
+    // Defect E of the swarm simulator (seed 1624): B fenced A and was
+    // promoting when maintenance held the promotion and B lost power; A came
+    // back first. B then finished the failover on the receipt from before
+    // A's return.
+    let mut b = spare_protected(policy());
+    b.advance(Duration::from_secs(10));
+    b.answer("observe VM on a", unreachable());
+    b.answer("query replica", report("a", "b", 5, 8));
+    b.answer("fence a", Outcome::Ok(Answer::Fenced(power_receipt("a"))));
+    b.answer("observe VM on a", unreachable());
+    assert_eq!(b.take(), ["promote g5 on b"]);
+    crash(&mut b);
+    assert_eq!(b.phase(), PhaseName::Promoting);
+    assert_eq!(b.take(), ["query replica"]);
+    // A is back and heartbeating, still at epoch 0.
+    b.beats(3, Some(view_a(5)));
+    b.answer("query replica", report("a", "b", 5, 30));
+    assert_eq!(b.take(), ["promote g5 on b"]);
+    b.answer("promote g5 on b", Outcome::Ok(Answer::Promoted(g(5))));
+    // Not started on the old receipt: A's copy is observed first.
+    assert_eq!(b.take(), ["observe VM on a"]);
+    let fresh = off_receipt("a");
+    b.answer("observe VM on a", observed("a", VmState::ShutOff));
+    assert_eq!(b.take(), ["start VM on b from g5"]);
+    let Op::StartVm { receipt, .. } = &b.m.pending()[0].op else {
+        panic!()
+    };
+    assert_eq!(receipt, &fresh);
+}
+
+#[test]
+fn a_spare_whose_fenced_peer_came_back_running_does_not_start() {
+    let mut b = spare_protected(policy());
+    b.advance(Duration::from_secs(10));
+    b.answer("observe VM on a", unreachable());
+    b.answer("query replica", report("a", "b", 5, 8));
+    b.answer("fence a", Outcome::Ok(Answer::Fenced(power_receipt("a"))));
+    b.answer("observe VM on a", unreachable());
+    b.beats(3, Some(view_a(5)));
+    b.answer("promote g5 on b", Outcome::Ok(Answer::Promoted(g(5))));
+    b.answer("observe VM on a", observed("a", VmState::Running));
+    assert!(matches!(
+        b.m.phase(),
+        Phase::Blocked {
+            on: BlockedOn::SplitBrain,
+            ..
+        }
+    ));
+    assert!(b.take().is_empty());
+}
+
+#[test]
+fn an_active_does_not_restart_while_its_peer_takes_the_pair_over() {
+    let mut a = active_protected(policy());
+    let taking = PeerView {
+        phase: PhaseName::Promoting,
+        ..view_b(5)
+    };
+    a.input(Input::Heartbeat {
+        from: n("b"),
+        view: Some(taking.clone()),
+    });
+    a.input(Input::VmObserved {
+        node: n("a"),
+        state: VmState::ShutOff,
+    });
+    assert!(a.take().is_empty(), "no restart in place");
+    assert!(
+        a.last_event()
+            .contains("b is taking the pair over (promoting): not restarting it here"),
+        "{}",
+        a.last_event()
+    );
+    // b gives up (back to protected): the restart goes ahead at the next observation.
+    a.input(Input::Heartbeat {
+        from: n("b"),
+        view: Some(view_b(5)),
+    });
+    a.input(Input::VmObserved {
+        node: n("a"),
+        state: VmState::ShutOff,
+    });
+    assert_eq!(a.take(), ["observe VM on b"]);
+}
+
+#[test]
+fn stand_down_resolves_a_split_brain_in_favour_of_the_peer() {
+    // Defect F of the swarm simulator: two claims at one epoch block both
+    // sides for good; the operator picks the losing copy.
+    let mut a = active_protected(policy());
+    a.input(Input::Heartbeat {
+        from: n("b"),
+        view: Some(PeerView {
+            active: n("b"),
+            ..view_b(5)
+        }),
+    });
+    assert!(matches!(
+        a.m.phase(),
+        Phase::Blocked {
+            on: BlockedOn::SplitBrain,
+            ..
+        }
+    ));
+    a.command(Command::StandDown);
+    assert_eq!(a.phase(), PhaseName::Stale);
+    assert_eq!(a.m.active(), &n("b"));
+    assert_eq!(a.take(), ["destroy VM on a", "query replica"]);
+    assert!(a
+        .transitions()
+        .last()
+        .unwrap()
+        .contains("operator stood a down: b keeps the pair at epoch e0"));
+    // Not from a healthy pair.
+    let mut a2 = active_protected(policy());
+    a2.command(Command::StandDown);
+    assert_eq!(
+        a2.last_event(),
+        "stand-down resolves a split brain; the pair is protected"
     );
 }
