@@ -9,7 +9,11 @@
 //! keeps one mapping of libvirt states (`crate::state`) and makes a
 //! burst of events for one domain cheap and correct. When the connection
 //! dies the watcher reconnects and registers again; events missed meanwhile
-//! are covered by the driver's periodic observation.
+//! are covered by the driver's periodic observation. No client keepalive
+//! (see [`crate::conn`] for why): a local daemon that goes away closes the
+//! socket, which libvirt's event thread notices; a remote one behind a dead
+//! link is noticed only when TCP gives up, which is why the driver watches
+//! only local hypervisors.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -52,7 +56,6 @@ fn watch(uri: &str, tx: &broadcast::Sender<VmEvent>) {
                 continue;
             }
         };
-        let _ = conn.set_keep_alive(5, 3);
         let (names_tx, names_rx) = mpsc::channel::<String>();
         let id = match ffi::register_lifecycle(&conn, names_tx) {
             Ok(id) => id,

@@ -190,8 +190,8 @@ impl LibvirtHypervisor {
         let inner = self.inner.clone();
         let at = self.at(vm);
         let at2 = at.clone();
-        blocking(at, op, self.inner.cfg.call_timeout, move || {
-            inner.conn.with(retry, &mut |c| f(c, &at2))
+        blocking(at, op, self.inner.cfg.call_timeout, move |ticket| {
+            inner.conn.with(retry, ticket, &mut |c| f(c, &at2))
         })
         .await
     }

@@ -46,9 +46,13 @@
 //!   stderr is switched off for the whole process at the first backend
 //!   created.
 //! - **Connections** are opened at the first call, checked before each
-//!   call and reopened after a loss; libvirt's default event loop runs on a
-//!   thread of its own so that keepalive notices a dead peer within about
-//!   15 s. Every blocking libvirt call runs on tokio's blocking pool.
+//!   call and reopened after a loss. Every blocking libvirt call runs on
+//!   tokio's blocking pool under a deadline, one call at a time per
+//!   connection: libvirt up to 10.3 crashes when two threads meet on a
+//!   connection whose peer died (CVE-2024-4418; Debian 12 ships 9.0), so
+//!   client keepalive is off too, and a call that outlives its caller (a
+//!   dead peer) keeps its connection while the next call opens a new one,
+//!   at most a few per URI (see `conn.rs`).
 //! - **Lifecycle events** (QEMU and Xen drivers): `events()` starts a
 //!   watcher thread with its own connection that registers a lifecycle
 //!   callback (`virConnectDomainEventRegisterAny`; `virt` 0.5 has no
