@@ -4,6 +4,9 @@
 //!   copies files, syncs, and always releases the freeze (the sync step has
 //!   its own deadline, so a timeout cannot skip the release).
 //! - Observe, stop, destroy: the receipt comes from the state read back.
+//!   A graceful stop first ends a sync cycle in progress and waits for the
+//!   release of its freeze (a VM shut down while frozen would keep its
+//!   last writes in an overlay).
 //! - Start from a generation: defines the VM from the pair's spec with the
 //!   promoted disks, then starts it; the receipt must cover the other copy.
 //! - Reverse: only if the replicator does not run that way already.
@@ -147,6 +150,10 @@ pub struct Executor {
     clock: Arc<dyn WallClock>,
     fences: Arc<FenceGate>,
     promoted: Mutex<Option<Promoted>>,
+    /// Held from reading the source VM's state to releasing its freeze in a
+    /// sync: a graceful stop waits for it, so a VM is never shut down with
+    /// its writes in a freeze overlay that no one commits any more.
+    disks: tokio::sync::Mutex<()>,
 }
 
 impl Executor {
@@ -167,6 +174,7 @@ impl Executor {
             clock,
             fences,
             promoted: Mutex::new(None),
+            disks: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -275,6 +283,7 @@ impl Executor {
         let d = &self.deadlines;
         let rep = &self.backends.replicator;
         let view = if rep.capabilities().needs_source_view {
+            let _disks = self.disks.lock().await;
             let hv = self.hv(source)?;
             let state = self
                 .step("reading the VM's state", d.observe, hv.status(self.vm()))
@@ -467,6 +476,18 @@ impl Executor {
                 Ok(Answer::Done)
             }
             Op::StopVm { node, timeout } => {
+                // A cycle in progress may hold the VM's disks frozen: end
+                // it (a planned stop is followed by a final sync anyway)
+                // and wait for its release before shutting the VM down.
+                // Only file-copying replicators freeze the source; a
+                // block-level one (DRBD) must keep replicating here.
+                let rep = &self.backends.replicator;
+                if rep.capabilities().needs_source_view {
+                    if let Err(e) = rep.stop().await {
+                        tracing::warn!(pair = %self.pair, error = %e, "could not end the sync cycle in progress; waiting for it");
+                    }
+                }
+                let _disks = self.disks.lock().await;
                 self.hv(node)?.shutdown(vm, *timeout).await?;
                 self.stopped(node).await
             }

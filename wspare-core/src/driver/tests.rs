@@ -35,6 +35,7 @@ struct World {
     newest: Mutex<u64>,
     hang_fence: AtomicBool,
     fail_sync: AtomicBool,
+    slow_sync: AtomicBool,
     panic_promote: AtomicBool,
 }
 
@@ -194,6 +195,10 @@ impl Replicator for Rep {
             SourceView::Continuous => "continuous",
         };
         self.w.log(format!("sync from {kind}"));
+        if self.w.slow_sync.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            self.w.log("sync done");
+        }
         if self.w.fail_sync.load(Ordering::SeqCst) {
             return Err(Error::new(
                 ErrorKind::Backend,
@@ -478,6 +483,51 @@ async fn a_failed_sync_still_releases_the_freeze() {
     );
     h.shutdown(Duration::from_secs(1)).await.unwrap();
     task.await.unwrap().unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_graceful_stop_waits_for_the_release_of_a_sync_freeze() {
+    // Found by the end-to-end test: a switchover stopped the VM while a
+    // periodic cycle held its disks frozen; the release failed on the
+    // stopped VM and the final sync copied the base image without the
+    // writes left in the overlay.
+    let w = Arc::new(World::default());
+    w.vms.lock().unwrap().insert(n("a"), VmState::Running);
+    w.slow_sync.store(true, Ordering::SeqCst);
+    let (_, ex) = setup("a", &w);
+    let ex = ex.values().next().unwrap().clone();
+    let sync = tokio::spawn({
+        let ex = ex.clone();
+        async move {
+            ex.run(&Op::Sync {
+                source: n("a"),
+                target: n("b"),
+            })
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stop = ex
+        .run(&Op::StopVm {
+            node: n("a"),
+            timeout: Duration::from_secs(30),
+        })
+        .await;
+    assert!(
+        matches!(stop, Outcome::Ok(crate::machine::Answer::Stopped(_))),
+        "{stop:?}"
+    );
+    assert!(matches!(sync.await.unwrap(), Outcome::Ok(_)));
+    assert_eq!(
+        w.calls(),
+        [
+            "freeze web on a",
+            "sync from frozen",
+            "sync done",
+            "release web on a",
+            "destroy web on a"
+        ]
+    );
 }
 
 #[tokio::test]
