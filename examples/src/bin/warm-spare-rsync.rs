@@ -1,0 +1,440 @@
+//! `warm-spare-rsync`: the classic rsync warm spare in one file.
+//!
+//! A VM runs on a primary host; every few minutes its disk images are
+//! copied to a spare host, where a stopped copy of the VM stays defined on
+//! the newest complete copy. When the primary dies, an operator (or a
+//! monitor) runs `failover` on the spare; when the primary is back,
+//! `failback` moves the VM home with a final sync and no data lost. No
+//! heartbeats, no automatic decisions: that is `wspare-agent`. This is the
+//! setup people build with cron and rsync, made safe by the library:
+//! a copy is never torn (two slots and an atomically switched manifest,
+//! `wspare-rsync`), a running VM is copied from a point-in-time freeze
+//! (`wspare-libvirt`), the spare is only started once the primary is
+//! proven off (`wspare-fence`), and a stale direction can never copy an
+//! old primary over the new active copy.
+//!
+//! ```text
+//! # on the primary (or any host with ssh to both), e.g. as a service:
+//! warm-spare-rsync --vm web --primary root@10.0.0.1 --spare root@10.0.0.2 \
+//!     --local primary --dir /srv/wspare/web run --interval 5m
+//! # on the spare, when the primary is dead:
+//! warm-spare-rsync ... --local spare failover --ipmi 10.1.0.1 --ipmi-user fence \
+//!     --ipmi-password-file /etc/wspare/bmc.pw
+//! # later, the primary back, from the spare:
+//! warm-spare-rsync ... --local spare failback
+//! ```
+//!
+//! Each host is named by its ssh destination (`user@host`, the address the
+//! other host reaches it at) and its libvirt URI as seen from where this
+//! runs (default: `qemu:///system` for the local host, `qemu+ssh://DEST/system`
+//! for the other). The replica directory is the same path on both hosts
+//! (`{node}` in it is replaced by the host's name, for hosts that share a
+//! filesystem).
+//! Which way the images flow is read from the manifests on both hosts, so
+//! the commands work the same after a failover.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use wspare_core::runner::{CommandRunner, LocalRunner, SshRunner, SshTarget};
+use wspare_core::{
+    FenceReceipt, Fencer, Generation, Hypervisor, NodeId, Replicator, SourceView, UnixMillis,
+    VmName, VmSpec,
+};
+use wspare_fence::ipmi::{IpmiDevice, IpmiFencer, IpmiPassword};
+use wspare_libvirt::{DomainType, LibvirtConfig, LibvirtHypervisor};
+use wspare_rsync::manifest::{Manifest, Role, MANIFEST};
+use wspare_rsync::{Endpoint, Options, Reach, RsyncReplicator};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "warm-spare-rsync",
+    about = "The classic rsync warm spare of one libvirt VM: periodic copies to a stopped spare, failover, failback"
+)]
+struct Args {
+    /// The VM (libvirt domain name, the same on both hosts).
+    #[arg(long)]
+    vm: VmName,
+    /// The primary host's ssh destination (`root@10.0.0.1`).
+    #[arg(long)]
+    primary: String,
+    /// The spare host's ssh destination.
+    #[arg(long)]
+    spare: String,
+    /// Which host this runs on: `primary`, `spare`, or `none` (both over ssh).
+    #[arg(long, value_enum)]
+    local: Local,
+    /// The replica directory on both hosts (one per VM); `{node}` is
+    /// replaced by each host's name (the host part of its destination).
+    #[arg(long)]
+    dir: PathBuf,
+    /// libvirt URI of the primary (default: local or qemu+ssh).
+    #[arg(long)]
+    primary_uri: Option<String>,
+    /// libvirt URI of the spare.
+    #[arg(long)]
+    spare_uri: Option<String>,
+    /// `<domain type>` for the spare's definition: kvm, or qemu (TCG).
+    #[arg(long, default_value = "kvm")]
+    domain_type: String,
+    /// Serial consoles of defined VMs go to `<dir>/<vm>.console.log`
+    /// (`{node}` as in `--dir`).
+    #[arg(long)]
+    console_log_dir: Option<PathBuf>,
+    /// ssh key for both hosts.
+    #[arg(long)]
+    ssh_key: Option<PathBuf>,
+    /// ssh port for both hosts.
+    #[arg(long)]
+    ssh_port: Option<u16>,
+    /// Extra ssh `-o` option (repeatable), e.g. `ConnectTimeout=5`.
+    #[arg(long)]
+    ssh_option: Vec<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Local {
+    Primary,
+    Spare,
+    None,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Copies the VM's disks to the other host every `--interval`, and keeps
+    /// the stopped copy there defined on the newest complete copy.
+    Run {
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        interval: Duration,
+    },
+    /// One copy now.
+    Sync,
+    /// The complete copies on the receiving host.
+    Status,
+    /// Starts the VM on the spare from a copy (the newest by default), once
+    /// the primary is proven off: by its BMC (`--ipmi`), or by your word
+    /// (`--primary-is-off`, after you checked).
+    Failover {
+        #[arg(long)]
+        generation: Option<u64>,
+        /// The primary's BMC address (`host` or `host:port`).
+        #[arg(long)]
+        ipmi: Option<String>,
+        #[arg(long, default_value = "admin")]
+        ipmi_user: String,
+        #[arg(long)]
+        ipmi_password_file: Option<PathBuf>,
+        /// You checked that the primary is off.
+        #[arg(long)]
+        primary_is_off: bool,
+    },
+    /// Moves the VM from the spare back to the primary: stop, final copy,
+    /// verify, start on the primary. Nothing written is lost.
+    Failback {
+        /// Graceful shutdown deadline.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        shutdown_timeout: Duration,
+    },
+}
+
+/// One host.
+struct Host {
+    node: NodeId,
+    hv: Arc<dyn Hypervisor>,
+    endpoint: Endpoint,
+}
+
+fn host(a: &Args, dest: &str, local: bool, uri: &Option<String>) -> Result<Host> {
+    let mut ssh = SshTarget::new(dest)?;
+    ssh.identity = a.ssh_key.clone();
+    ssh.port = a.ssh_port;
+    ssh.options = vec!["StrictHostKeyChecking=yes".into()];
+    ssh.options.extend(a.ssh_option.iter().cloned());
+    // The node is named after the host part of the destination.
+    let node = NodeId::new(dest.rsplit('@').next().unwrap_or(dest).replace(':', "-"))?;
+    let runner: Arc<dyn CommandRunner> = if local {
+        Arc::new(LocalRunner)
+    } else {
+        Arc::new(SshRunner::new(ssh.clone()))
+    };
+    let uri = uri.clone().unwrap_or_else(|| {
+        if local {
+            "qemu:///system".into()
+        } else {
+            let mut u = format!("qemu+ssh://{dest}/system?no_tty=1");
+            if let Some(k) = &a.ssh_key {
+                u.push_str(&format!("&keyfile={}", k.display()));
+            }
+            u
+        }
+    });
+    let mut cfg = LibvirtConfig::new(uri);
+    cfg.domain_type = Some(match a.domain_type.as_str() {
+        "kvm" => DomainType::Kvm,
+        "qemu" => DomainType::Qemu,
+        other => bail!("--domain-type {other}: expected kvm or qemu"),
+    });
+    cfg.console_log_dir = a.console_log_dir.as_ref().map(|d| subst(d, &node));
+    cfg.guest_agent = false;
+    Ok(Host {
+        hv: Arc::new(LibvirtHypervisor::new(cfg)?),
+        endpoint: Endpoint::new(node.clone(), runner, Reach::Ssh(ssh), subst(&a.dir, &node)),
+        node,
+    })
+}
+
+fn subst(p: &std::path::Path, node: &NodeId) -> PathBuf {
+    PathBuf::from(p.to_string_lossy().replace("{node}", node.as_str()))
+}
+
+/// Reads `host`'s manifest (`None`: none, or unreachable).
+async fn manifest(h: &Host) -> Option<Manifest> {
+    let cmd = wspare_core::runner::Command::new("cat")
+        .arg("--")
+        .arg(h.endpoint.replica_dir.join(MANIFEST).display().to_string())
+        .timeout(Duration::from_secs(30));
+    let out = h.endpoint.runner.run(&cmd).await.ok()?;
+    Manifest::parse(&out.stdout).ok()
+}
+
+/// (source, target): the host whose manifest has the highest direction
+/// epoch names the source (itself if its role is `source`, else the other);
+/// without manifests, the primary.
+async fn direction<'h>(p: &'h Host, s: &'h Host) -> (&'h Host, &'h Host) {
+    let (mp, ms) = tokio::join!(manifest(p), manifest(s));
+    let best = [(p, s, mp), (s, p, ms)]
+        .into_iter()
+        .filter_map(|(me, other, m)| m.map(|m| (me, other, m)))
+        .max_by_key(|(_, _, m)| (m.epoch, m.role == Role::Source));
+    match best {
+        Some((me, other, m)) if m.role == Role::Source => (me, other),
+        Some((me, other, _)) => (other, me),
+        None => (p, s),
+    }
+}
+
+fn replicator(name: &VmName, src: &Host, tgt: &Host) -> Result<RsyncReplicator> {
+    Ok(RsyncReplicator::new(
+        name.as_str(),
+        src.endpoint.clone(),
+        tgt.endpoint.clone(),
+        Options::default(),
+    )?)
+}
+
+/// One cycle from `src` to `tgt`: freeze the running VM's disks (or read
+/// the stopped VM's files), copy, release; then keep the stopped copy on
+/// `tgt` defined on the new generation.
+async fn sync(vm: &VmName, src: &Host, tgt: &Host) -> Result<Generation> {
+    let rep = replicator(vm, src, tgt)?;
+    let state = src.hv.status(vm).await?.state;
+    let info = if state.is_live() {
+        let frozen = src.hv.freeze_disks(vm).await?;
+        let r = rep.sync(&SourceView::Frozen(frozen.clone())).await;
+        // Always release, whatever the copy did.
+        src.hv
+            .release_disks(&frozen)
+            .await
+            .context("releasing the freeze (the VM may still write to an overlay)")?;
+        r?
+    } else {
+        let spec = src.hv.spec(vm).await?;
+        rep.sync(&SourceView::Stopped {
+            disks: spec.disks,
+            at: UnixMillis::now(),
+        })
+        .await?
+    };
+    // The stopped copy on the target follows the newest generation.
+    let m = rep
+        .target_manifest()
+        .await?
+        .ok_or_else(|| anyhow!("no manifest on {} after a sync", tgt.node))?;
+    if let Some(newest) = m.newest() {
+        if !tgt.hv.status(vm).await?.state.is_live() {
+            let spec = with_disks(
+                src.hv.spec(vm).await?,
+                newest.disk_specs(&tgt.endpoint.replica_dir),
+            )?;
+            tgt.hv.define(&spec).await?;
+        }
+    }
+    Ok(info.generation)
+}
+
+/// `spec` with its disks' images replaced by `disks` (matched by slot).
+fn with_disks(mut spec: VmSpec, disks: Vec<wspare_core::DiskSpec>) -> Result<VmSpec> {
+    for d in &mut spec.disks {
+        let r = disks
+            .iter()
+            .find(|r| r.target == d.target)
+            .ok_or_else(|| anyhow!("the copy has no image for disk {}", d.target))?;
+        d.path = r.path.clone();
+    }
+    Ok(spec)
+}
+
+async fn run(a: Args) -> Result<()> {
+    let primary = host(&a, &a.primary, a.local == Local::Primary, &a.primary_uri)?;
+    let spare = host(&a, &a.spare, a.local == Local::Spare, &a.spare_uri)?;
+    let vm = a.vm.clone();
+    match a.cmd {
+        Cmd::Run { interval } => loop {
+            let (src, tgt) = direction(&primary, &spare).await;
+            match sync(&vm, src, tgt).await {
+                Ok(g) => println!("{vm}: {g} complete on {}", tgt.node),
+                // A failed cycle leaves the previous copy intact: try again.
+                Err(e) => eprintln!("{vm}: sync {} -> {} failed: {e:#}", src.node, tgt.node),
+            }
+            tokio::time::sleep(interval).await;
+        },
+        Cmd::Sync => {
+            let (src, tgt) = direction(&primary, &spare).await;
+            let g = sync(&vm, src, tgt).await?;
+            println!("{vm}: {g} complete on {}", tgt.node);
+        }
+        Cmd::Status => {
+            let (src, tgt) = direction(&primary, &spare).await;
+            let st = replicator(&vm, src, tgt)?.status().await?;
+            println!("{vm}: {} -> {}", st.source, st.target);
+            for g in st.generations {
+                let age = UnixMillis::now().saturating_since(g.source_time);
+                println!(
+                    "  {}  {} old",
+                    g.generation,
+                    humantime::format_duration(Duration::from_secs(age.as_secs()))
+                );
+            }
+        }
+        Cmd::Failover {
+            generation,
+            ipmi,
+            ipmi_user,
+            ipmi_password_file,
+            primary_is_off,
+        } => {
+            let (src, tgt) = direction(&primary, &spare).await;
+            if tgt.node != spare.node {
+                bail!(
+                    "{} is the replication source already (failed over before); use failback",
+                    spare.node
+                );
+            }
+            // 1. Proof that the primary's copy is off.
+            let receipt = match (ipmi, primary_is_off) {
+                (Some(bmc), _) => {
+                    let (h, port) = match bmc.rsplit_once(':') {
+                        Some((h, p)) => (h.to_string(), p.parse().context("--ipmi port")?),
+                        None => (bmc.clone(), 623),
+                    };
+                    let pw = ipmi_password_file
+                        .ok_or_else(|| anyhow!("--ipmi needs --ipmi-password-file"))?;
+                    let mut dev = IpmiDevice::new(h, ipmi_user, IpmiPassword::File(pw));
+                    dev.port = port;
+                    let f = IpmiFencer::new("primary-bmc", src.node.clone(), dev, Arc::new(LocalRunner))?;
+                    println!("fencing {} through {}", src.node, f.describe());
+                    f.fence(&src.node).await?
+                }
+                (None, true) => FenceReceipt::from_operator(src.node.clone(), UnixMillis::now()),
+                (None, false) => bail!(
+                    "failover needs proof that {} is off: --ipmi HOST (its BMC), or --primary-is-off once you checked",
+                    src.node
+                ),
+            };
+            // The hypervisor, if it still answers, must not see the VM live.
+            if let Ok(st) = src.hv.status(&vm).await {
+                if st.state.is_live() {
+                    bail!(
+                        "{} still reports {vm} {}: not starting a second copy ({receipt})",
+                        src.node,
+                        st.state
+                    );
+                }
+            }
+            println!("{receipt}");
+            // 2. Promote a complete copy, 3. start the VM on it, 4. reverse.
+            let rep = replicator(&vm, src, tgt)?;
+            let g = match generation {
+                Some(g) => Generation(g),
+                None => {
+                    rep.status()
+                        .await?
+                        .newest
+                        .ok_or_else(|| anyhow!("no complete copy on {}", tgt.node))?
+                        .generation
+                }
+            };
+            let promoted = rep.promote(g).await?;
+            let spec = match tgt.hv.spec(&vm).await {
+                Ok(s) => s,
+                Err(_) => src
+                    .hv
+                    .spec(&vm)
+                    .await
+                    .context("no definition of the VM on either host")?,
+            };
+            tgt.hv.define(&with_disks(spec, promoted.disks)?).await?;
+            tgt.hv.start(&vm).await?;
+            rep.reverse().await?;
+            println!(
+                "{vm} runs on {} from {g}; replication now {} -> {}",
+                tgt.node, tgt.node, src.node
+            );
+        }
+        Cmd::Failback { shutdown_timeout } => {
+            let (src, tgt) = direction(&primary, &spare).await;
+            if src.node != spare.node {
+                bail!(
+                    "{} is not the replication source: nothing to fail back",
+                    spare.node
+                );
+            }
+            // Stop, copy the stopped disks, check the copy against them.
+            src.hv.shutdown(&vm, shutdown_timeout).await?;
+            let g = sync(&vm, src, tgt).await?;
+            let rep = replicator(&vm, src, tgt)?;
+            let spec = src.hv.spec(&vm).await?;
+            rep.verify(
+                g,
+                &SourceView::Stopped {
+                    disks: spec.disks.clone(),
+                    at: UnixMillis::now(),
+                },
+            )
+            .await?;
+            let promoted = rep.promote(g).await?;
+            tgt.hv.define(&with_disks(spec, promoted.disks)?).await?;
+            tgt.hv.start(&vm).await?;
+            rep.reverse().await?;
+            println!(
+                "{vm} runs on {} again from {g} (verified); replication {} -> {}",
+                tgt.node, tgt.node, src.node
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warm-spare-rsync: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warm-spare-rsync: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Fencing: the `node.fence` tables built into a
+//! [`wspare_fence::topology::Topology`] (one level per device), wrapped so
+//! that every attempt is counted and timed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use wspare_core::config::Config;
+use wspare_core::runner::LocalRunner;
+use wspare_core::{FenceReceipt, Fencer, FencerCaps, NodeId, PowerState, Result};
+use wspare_fence::config::{DeviceRef, FenceConfig, NodeConfig};
+use wspare_fence::error::FenceError;
+use wspare_fence::topology::Topology;
+
+use crate::metrics::Metrics;
+use crate::settings::NodeSettings;
+
+/// The device name of `node`'s level `i` (1-based in messages).
+fn device_name(node: &NodeId, i: usize, levels: usize) -> String {
+    if levels == 1 {
+        format!("{node}.fence")
+    } else {
+        format!("{node}.fence.{}", i + 1)
+    }
+}
+
+/// Builds the fencing topology of every node (ipmitool and fence agents
+/// run here). The error is (field, message) in the agent config's terms.
+pub(crate) fn topology(
+    nodes: &BTreeMap<NodeId, NodeSettings>,
+    core: &Config,
+) -> std::result::Result<Topology, (String, String)> {
+    let mut fc = FenceConfig {
+        devices: BTreeMap::new(),
+        nodes: BTreeMap::new(),
+    };
+    for (name, n) in nodes {
+        let mut levels = Vec::new();
+        for (i, d) in n.fence.iter().enumerate() {
+            let dev = device_name(name, i, n.fence.len());
+            fc.devices.insert(dev.clone(), d.clone());
+            levels.push(vec![DeviceRef {
+                device: dev,
+                plug: None,
+                system: None,
+            }]);
+        }
+        let delay = core.node(name).and_then(|c| c.fence_delay);
+        fc.nodes.insert(
+            name.to_string(),
+            NodeConfig {
+                fence_delay: delay,
+                levels,
+            },
+        );
+    }
+    fc.build(Arc::new(LocalRunner)).map_err(|e| match e {
+        FenceError::Config { field, why } => (config_field(&field), why),
+        other => ("fence".into(), other.to_string()),
+    })
+}
+
+/// `devices.node-a.fence.2.host` in the agent's terms:
+/// `node[node-a].fence[1].host`.
+fn config_field(field: &str) -> String {
+    let Some(rest) = field.strip_prefix("devices.") else {
+        return field.to_string();
+    };
+    let Some((node, tail)) = rest.split_once(".fence") else {
+        return field.to_string();
+    };
+    let tail = tail.strip_prefix('.').unwrap_or(tail);
+    let (level, key) = match tail.split_once('.') {
+        Some((l, k)) if l.chars().all(|c| c.is_ascii_digit()) => (Some(l), Some(k)),
+        _ if tail.chars().all(|c| c.is_ascii_digit()) && !tail.is_empty() => (Some(tail), None),
+        _ => (None, (!tail.is_empty()).then_some(tail)),
+    };
+    let mut s = format!("node[{node}].fence");
+    if let Some(l) = level.and_then(|l| l.parse::<usize>().ok()) {
+        s.push_str(&format!("[{}]", l.saturating_sub(1)));
+    }
+    if let Some(k) = key {
+        s.push('.');
+        s.push_str(k);
+    }
+    s
+}
+
+/// A fencer that counts and times every fence.
+pub(crate) struct Metered {
+    inner: Arc<dyn Fencer>,
+    metrics: Arc<Metrics>,
+}
+
+impl Metered {
+    pub(crate) fn new(inner: Arc<dyn Fencer>, metrics: Arc<Metrics>) -> Self {
+        Metered { inner, metrics }
+    }
+}
+
+#[async_trait]
+impl Fencer for Metered {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+
+    fn capabilities(&self) -> FencerCaps {
+        self.inner.capabilities()
+    }
+
+    async fn fence(&self, node: &NodeId) -> Result<FenceReceipt> {
+        let t0 = Instant::now();
+        tracing::warn!(%node, "fencing");
+        let r = self.inner.fence(node).await;
+        self.metrics.fence(node, r.is_ok(), t0.elapsed());
+        match &r {
+            Ok(receipt) => {
+                tracing::warn!(%node, took_ms = t0.elapsed().as_millis() as u64, %receipt, "fenced")
+            }
+            Err(e) => {
+                tracing::error!(%node, took_ms = t0.elapsed().as_millis() as u64, error = %e, "fencing failed")
+            }
+        }
+        r
+    }
+
+    async fn power_status(&self, node: &NodeId) -> Result<PowerState> {
+        self.inner.power_status(node).await
+    }
+
+    async fn unfence(&self, node: &NodeId) -> Result<()> {
+        self.inner.unfence(node).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_named_as_in_the_agent_config() {
+        assert_eq!(
+            config_field("devices.node-a.fence.host"),
+            "node[node-a].fence.host"
+        );
+        assert_eq!(
+            config_field("devices.node-a.fence.2.port"),
+            "node[node-a].fence[1].port"
+        );
+        assert_eq!(
+            config_field("devices.node-a.fence.2"),
+            "node[node-a].fence[1]"
+        );
+        assert_eq!(config_field("devices.node-a.fence"), "node[node-a].fence");
+        assert_eq!(config_field("nodes.x.levels"), "nodes.x.levels");
+    }
+}
