@@ -814,48 +814,8 @@ mod tests {
             .collect()
     }
 
-    const BASE: &str = r#"
-[cluster]
-name = "c"
-
-[agent]
-key-file = "/nonexistent/key"
-
-[[node]]
-name = "node-a"
-address = "10.0.0.1:7400"
-[node.hypervisor]
-type = "libvirt"
-uri = "qemu:///system"
-peer-uri = "qemu+ssh://root@10.0.0.1/system"
-[node.fence]
-type = "ipmi"
-host = "10.1.0.1"
-username = "admin"
-password-file = "/etc/wspare/pw"
-
-[[node]]
-name = "node-b"
-address = "10.0.0.2:7400"
-[node.hypervisor]
-type = "libvirt"
-uri = "qemu:///system"
-peer-uri = "qemu+ssh://root@10.0.0.2/system"
-[node.fence]
-type = "ipmi"
-host = "10.1.0.2"
-username = "admin"
-password-file = "/etc/wspare/pw"
-
-[[pair]]
-name = "web"
-vm = "web"
-primary = "node-a"
-spare = "node-b"
-[pair.replication]
-type = "rsync"
-dir = "/srv/wspare/web"
-"#;
+    /// Shared with the end-to-end check-config test.
+    const BASE: &str = include_str!("../../../tests/data/two-nodes.toml");
 
     #[test]
     fn a_sound_config_passes() {
@@ -867,10 +827,10 @@ dir = "/srv/wspare/web"
     #[test]
     fn the_line_index_knows_arrays_of_tables_and_dotted_keys() {
         let idx = LineIndex::new(BASE);
-        assert_eq!(idx.line("node[1]", Some("address")), Some(23));
-        assert_eq!(idx.line("node[1].hypervisor", Some("peer-uri")), Some(27));
-        assert_eq!(idx.line("node[0].fence", None), Some(15));
-        assert_eq!(idx.line("pair[0].replication", Some("nope")), Some(39));
+        assert_eq!(idx.line("node[1]", Some("address")), Some(25));
+        assert_eq!(idx.line("node[1].hypervisor", Some("peer-uri")), Some(29));
+        assert_eq!(idx.line("node[0].fence", None), Some(17));
+        assert_eq!(idx.line("pair[0].replication", Some("nope")), Some(42));
         let idx =
             LineIndex::new("[[pair]]\npolicy.sync-interval = 3\nlevels = [\n  [ 1 ],\n]\nx = 1\n");
         assert_eq!(idx.line("pair[0].policy", Some("sync-interval")), Some(2));
@@ -881,7 +841,7 @@ dir = "/srv/wspare/web"
     fn every_error_is_reported_with_field_and_line() {
         let text = BASE
             .replace("address = \"10.0.0.1:7400\"", "adress = \"10.0.0.1:7400\"")
-            .replace("name = \"c\"", "name = \"c\"\nheartbeat-interval = 5")
+            .replace("heartbeat-interval = \"500ms\"", "heartbeat-interval = 5")
             .replace("spare = \"node-b\"", "spare = \"node-a\"")
             .replace(
                 "dir = \"/srv/wspare/web\"",
@@ -893,8 +853,8 @@ dir = "/srv/wspare/web"
             "line 11: node[node-a].adress: unknown field `adress`",
             "did you mean `address`?",
             "line 9: node[node-a].address: missing field `address`",
-            "line 39: pair[web].spare: primary and spare are both node-a",
-            "line 43: pair[web].replication.bwlimit-kib: invalid type: string \"fast\"",
+            "line 40: pair[web].spare: primary and spare are both node-a",
+            "line 45: pair[web].replication.bwlimit-kib: invalid type: string \"fast\"",
         ];
         for w in want {
             assert!(e.iter().any(|x| x.contains(w)), "wanted {w:?} in {e:#?}");
@@ -916,7 +876,7 @@ dir = "/srv/wspare/web"
                 .any(|x| x.contains("node[node-b].address: \"10.0.0.2\" is not host:port")),
             "{e:#?}"
         );
-        let text = BASE.replace("[[pair]]", "[[pair]]\npolicy = { sync-interval = \"0s\" }");
+        let text = BASE.replace("sync-interval = \"10s\"", "sync-interval = \"0s\"");
         let e = errs(&text);
         assert!(e.iter().any(|x| x.contains("pair[web].policy")), "{e:#?}");
     }
@@ -927,7 +887,7 @@ dir = "/srv/wspare/web"
         let e = errs(&text);
         assert!(
             e.iter().any(|x| x
-                .contains("line 12: node[node-a].hypervisor.type: unknown backend `libvirtt`")
+                .contains("line 14: node[node-a].hypervisor.type: unknown backend `libvirtt`")
                 && x.contains("did you mean `libvirt`?")),
             "{e:#?}"
         );
