@@ -120,11 +120,6 @@ impl Detector {
         }
     }
 
-    /// Forgets everything and starts counting at `now` (after a restart).
-    pub fn reset(&mut self, now: Instant) {
-        *self = Detector::new(self.cfg.clone(), now);
-    }
-
     /// A heartbeat arrived at `now`. Returns true if it cleared a suspicion.
     pub fn heartbeat(&mut self, now: Instant) -> bool {
         if let Some(last) = self.last {
@@ -185,7 +180,7 @@ impl Detector {
         }
     }
 
-    /// Time since the last heartbeat (or since start).
+    /// Time since the last heartbeat; `None` before the first.
     pub fn silence(&self, now: Instant) -> Option<Duration> {
         self.last.map(|l| now - l)
     }

@@ -121,6 +121,17 @@ impl fmt::Display for Violation {
 
 impl std::error::Error for Violation {}
 
+impl Violation {
+    fn new(invariant: u8, detail: String, at: usize) -> Self {
+        Violation {
+            invariant,
+            name: NAMES[invariant as usize - 1],
+            detail,
+            at,
+        }
+    }
+}
+
 /// Names of the invariants, by number.
 pub const NAMES: [&str; 7] = [
     "at most one copy running",
@@ -143,7 +154,7 @@ struct PairInfo {
 pub struct Checker {
     pairs: HashMap<PairId, PairInfo>,
     seq: usize,
-    issued: HashMap<(PairId, NodeId, ActionId), (Op, Epoch)>,
+    issued: HashMap<(PairId, NodeId, ActionId), Op>,
     running: HashMap<PairId, HashSet<NodeId>>,
     receipts: HashMap<FenceReceipt, usize>,
     last_start: HashMap<(PairId, NodeId), usize>,
@@ -169,12 +180,7 @@ impl Checker {
     pub fn record(&mut self, r: &Record) -> Result<(), Violation> {
         let at = self.seq;
         self.seq += 1;
-        let v = |invariant: u8, detail: String| Violation {
-            invariant,
-            name: NAMES[invariant as usize - 1],
-            detail,
-            at,
-        };
+        let v = |invariant, detail| Violation::new(invariant, detail, at);
         match r {
             Record::Running {
                 pair,
@@ -201,34 +207,24 @@ impl Checker {
                 node,
                 generation,
             } => {
-                let k = (pair.clone(), node.clone());
-                if let Some(old) = self.holds.get(&k) {
-                    if generation < old {
-                        return Err(v(
-                            4,
-                            format!("pair {pair}: {node} held {old}, now holds {generation}"),
-                        ));
-                    }
+                if let Some(old) = raise(&mut self.holds, pair, node, *generation) {
+                    return Err(v(
+                        4,
+                        format!("pair {pair}: {node} held {old}, now holds {generation}"),
+                    ));
                 }
-                self.holds.insert(k, *generation);
             }
             Record::Knows {
                 pair,
                 node,
                 generation,
             } => {
-                let k = (pair.clone(), node.clone());
-                if let Some(old) = self.knows.get(&k) {
-                    if generation < old {
-                        return Err(v(
-                            4,
-                            format!(
-                                "pair {pair}: the machine on {node} knew {old}, now {generation}"
-                            ),
-                        ));
-                    }
+                if let Some(old) = raise(&mut self.knows, pair, node, *generation) {
+                    return Err(v(
+                        4,
+                        format!("pair {pair}: the machine on {node} knew {old}, now {generation}"),
+                    ));
                 }
-                self.knows.insert(k, *generation);
             }
             Record::Commanded {
                 command: Command::ConfirmDown(receipt),
@@ -244,7 +240,7 @@ impl Checker {
                 outcome,
             } => {
                 let key = (pair.clone(), node.clone(), *id);
-                let Some((op, _)) = self.issued.remove(&key) else {
+                let Some(op) = self.issued.remove(&key) else {
                     return Ok(());
                 };
                 match outcome {
@@ -327,10 +323,8 @@ impl Checker {
                     self.check_start(pair, target, receipt, *generation, at)?;
                     self.last_start.insert((pair.clone(), target.clone()), at);
                 }
-                self.issued.insert(
-                    (pair.clone(), node.clone(), action.id),
-                    (op.clone(), *epoch),
-                );
+                self.issued
+                    .insert((pair.clone(), node.clone(), action.id), op.clone());
             }
         }
         Ok(())
@@ -344,12 +338,7 @@ impl Checker {
         generation: Option<Generation>,
         at: usize,
     ) -> Result<(), Violation> {
-        let v = |invariant: u8, detail: String| Violation {
-            invariant,
-            name: NAMES[invariant as usize - 1],
-            detail,
-            at,
-        };
+        let v = |invariant, detail| Violation::new(invariant, detail, at);
         let Some(info) = self.pairs.get(pair) else {
             return Ok(());
         };
@@ -388,6 +377,24 @@ impl Checker {
         }
         Ok(())
     }
+}
+
+/// Records `generation` as the newest on `node`; if it is older than the
+/// newest recorded, returns that one instead (invariant 4).
+fn raise(
+    newest: &mut HashMap<(PairId, NodeId), Generation>,
+    pair: &PairId,
+    node: &NodeId,
+    generation: Generation,
+) -> Option<Generation> {
+    let old = newest
+        .entry((pair.clone(), node.clone()))
+        .or_insert(generation);
+    if generation < *old {
+        return Some(*old);
+    }
+    *old = generation;
+    None
 }
 
 fn receipt_in(a: &Answer) -> Option<&FenceReceipt> {
@@ -498,6 +505,19 @@ mod tests {
         c.record(&completed("b", id, Outcome::Ok(Answer::Promoted(info))))
             .unwrap();
     }
+    /// `by` observes the VM shut off on `node`; returns the receipt.
+    fn observed_off(c: &mut Checker, by: &str, id: u64, node: &str) -> FenceReceipt {
+        c.record(&issued(by, 0, id, Op::Observe { node: n(node) }))
+            .unwrap();
+        let r = FenceReceipt::from_observed_state(n(node), vm(), VmState::ShutOff, UnixMillis(1))
+            .unwrap();
+        let outcome = Outcome::Ok(Answer::Observed {
+            state: VmState::ShutOff,
+            receipt: Some(r.clone()),
+        });
+        c.record(&completed(by, id, outcome)).unwrap();
+        r
+    }
     fn start_b(id: u64, epoch: u64, r: FenceReceipt, g: Option<u64>) -> Record {
         issued(
             "b",
@@ -575,34 +595,9 @@ mod tests {
         assert!(e.detail.contains("which is not about a"), "{e}");
 
         let mut c = checker();
-        c.record(&issued("b", 0, 1, Op::Observe { node: n("a") }))
-            .unwrap();
-        let seen_off =
-            FenceReceipt::from_observed_state(n("a"), vm(), VmState::ShutOff, UnixMillis(1))
-                .unwrap();
-        c.record(&completed(
-            "b",
-            1,
-            Outcome::Ok(Answer::Observed {
-                state: VmState::ShutOff,
-                receipt: Some(seen_off.clone()),
-            }),
-        ))
-        .unwrap();
+        let seen_off = observed_off(&mut c, "b", 1, "a");
         // a was started after the observation: the receipt is stale.
-        let rb = FenceReceipt::from_observed_state(n("b"), vm(), VmState::ShutOff, UnixMillis(1))
-            .unwrap();
-        c.record(&issued("a", 0, 2, Op::Observe { node: n("b") }))
-            .unwrap();
-        c.record(&completed(
-            "a",
-            2,
-            Outcome::Ok(Answer::Observed {
-                state: VmState::ShutOff,
-                receipt: Some(rb.clone()),
-            }),
-        ))
-        .unwrap();
+        let rb = observed_off(&mut c, "a", 2, "b");
         c.record(&issued(
             "a",
             0,

@@ -95,6 +95,19 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+impl ConfigErrors {
+    fn one(path: Option<PathBuf>, field: &str, line: Option<usize>, message: String) -> Self {
+        ConfigErrors {
+            path,
+            errors: vec![ConfigError {
+                field: field.into(),
+                line,
+                message,
+            }],
+        }
+    }
+}
+
 impl BackendError for ConfigErrors {
     fn kind(&self) -> ErrorKind {
         ErrorKind::InvalidInput
@@ -223,13 +236,13 @@ fn line_of(text: &str, offset: usize) -> usize {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-            path: Some(path.to_path_buf()),
-            errors: vec![ConfigError {
-                field: String::new(),
-                line: None,
-                message: format!("cannot read: {e}"),
-            }],
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::one(
+                Some(path.to_path_buf()),
+                "",
+                None,
+                format!("cannot read: {e}"),
+            )
         })?;
         let mut c = Config::parse(&text).map_err(|mut e| {
             e.path = Some(path.to_path_buf());
@@ -241,14 +254,9 @@ impl Config {
 
     /// Parses and validates config text.
     pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
-        let fail = |errors| ConfigErrors { path: None, errors };
         let raw: Raw = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
-            fail(vec![ConfigError {
-                field: String::new(),
-                line,
-                message: e.message().trim_end().to_string(),
-            }])
+            ConfigErrors::one(None, "", line, e.message().trim_end().to_string())
         })?;
         let mut errors = Vec::new();
         let mut err = |field: String, span: Option<std::ops::Range<usize>>, message: String| {
@@ -373,7 +381,7 @@ impl Config {
         }
         if !errors.is_empty() {
             errors.sort_by_key(|e| e.line.unwrap_or(0));
-            return Err(fail(errors));
+            return Err(ConfigErrors { path: None, errors });
         }
         Ok(Config {
             cluster: raw.cluster,
@@ -426,14 +434,8 @@ impl Config {
         field: &str,
         table: &Spanned<toml::Table>,
     ) -> Result<T, ConfigErrors> {
-        decode(table.get_ref().clone()).map_err(|message| ConfigErrors {
-            path: self.path.clone(),
-            errors: vec![ConfigError {
-                field: field.into(),
-                line: Some(line_of(&self.text, table.span().start)),
-                message,
-            }],
-        })
+        decode(table.get_ref().clone())
+            .map_err(|message| self.error_at(field, table.span().start, message))
     }
 
     /// Like [`Config::extension`], for a value that may be a table or an
@@ -443,14 +445,13 @@ impl Config {
         field: &str,
         v: &Spanned<toml::Value>,
     ) -> Result<T, ConfigErrors> {
-        T::deserialize(v.get_ref().clone()).map_err(|e| ConfigErrors {
-            path: self.path.clone(),
-            errors: vec![ConfigError {
-                field: field.into(),
-                line: Some(line_of(&self.text, v.span().start)),
-                message: e.message().trim_end().to_string(),
-            }],
-        })
+        T::deserialize(v.get_ref().clone())
+            .map_err(|e| self.error_at(field, v.span().start, e.message().trim_end().to_string()))
+    }
+
+    fn error_at(&self, field: &str, offset: usize, message: String) -> ConfigErrors {
+        let line = Some(line_of(&self.text, offset));
+        ConfigErrors::one(self.path.clone(), field, line, message)
     }
 }
 

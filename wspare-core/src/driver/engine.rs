@@ -89,12 +89,7 @@ impl<S: Store> Engine<S> {
 
     /// Feeds one input to one pair's machine.
     pub fn handle(&mut self, pair: &PairId, input: Input, now: Instant) -> Result<Output, Error> {
-        if !self.machines.contains_key(pair) {
-            return Err(Error::not_found(format!(
-                "pair {pair} is not configured on {}",
-                self.local
-            )));
-        }
+        self.machine_mut(pair)?;
         self.feed(pair, input, now)
     }
 
@@ -105,9 +100,7 @@ impl<S: Store> Engine<S> {
         cmd: Command,
         now: Instant,
     ) -> Result<(Result<(), String>, Output), Error> {
-        let m = self.machines.get_mut(pair).ok_or_else(|| {
-            Error::not_found(format!("pair {pair} is not configured on {}", self.local))
-        })?;
+        let m = self.machine_mut(pair)?;
         m.handle(Input::Tick, now);
         let r = m.command(cmd);
         let out = self.feed(pair, Input::Tick, now)?;
@@ -198,6 +191,13 @@ impl<S: Store> Engine<S> {
         &self.store
     }
 
+    fn machine_mut(&mut self, pair: &PairId) -> Result<&mut Machine, Error> {
+        let local = &self.local;
+        self.machines
+            .get_mut(pair)
+            .ok_or_else(|| Error::not_found(format!("pair {pair} is not configured on {local}")))
+    }
+
     fn feed(&mut self, pair: &PairId, input: Input, now: Instant) -> Result<Output, Error> {
         let m = self.machines.get_mut(pair).expect("checked by callers");
         m.handle(input, now);
@@ -249,15 +249,20 @@ mod tests {
         Instant::from_origin(Duration::from_secs(s))
     }
 
+    /// The engine of node `local` for `pairs`, opened at `at` seconds.
+    fn open<St: Store>(
+        local: &str,
+        pairs: &[&str],
+        store: St,
+        at: u64,
+    ) -> Result<(Engine<St>, Output), Error> {
+        let configs = pairs.iter().map(|p| cfg(p, local)).collect();
+        Engine::open(NodeId::new(local).unwrap(), configs, store, t(at))
+    }
+
     #[test]
     fn actions_are_journaled_before_they_are_handed_out() {
-        let (e, out) = Engine::open(
-            NodeId::new("a").unwrap(),
-            vec![cfg("web", "a")],
-            MemoryStore::default(),
-            t(0),
-        )
-        .unwrap();
+        let (e, out) = open("a", &["web"], MemoryStore::default(), 0).unwrap();
         assert_eq!(out.actions.len(), 2);
         let saved = e.store().clone().load().unwrap();
         let pending: Vec<_> = saved
@@ -275,21 +280,9 @@ mod tests {
 
     #[test]
     fn reopening_restores_and_reobserves() {
-        let (e, _) = Engine::open(
-            NodeId::new("b").unwrap(),
-            vec![cfg("web", "b")],
-            MemoryStore::default(),
-            t(0),
-        )
-        .unwrap();
+        let (e, _) = open("b", &["web"], MemoryStore::default(), 0).unwrap();
         let store = e.store().clone();
-        let (_, out) = Engine::open(
-            NodeId::new("b").unwrap(),
-            vec![cfg("web", "b")],
-            store,
-            t(100),
-        )
-        .unwrap();
+        let (_, out) = open("b", &["web"], store, 100).unwrap();
         let ops: Vec<String> = out.actions.iter().map(|(_, a)| a.op.to_string()).collect();
         assert!(ops.contains(&"query replica".to_string()), "{ops:?}");
         assert!(out
@@ -300,13 +293,7 @@ mod tests {
 
     #[test]
     fn heartbeats_fan_out_to_the_pairs_of_the_sender() {
-        let (mut e, _) = Engine::open(
-            NodeId::new("b").unwrap(),
-            vec![cfg("web", "b"), cfg("db", "b")],
-            MemoryStore::default(),
-            t(0),
-        )
-        .unwrap();
+        let (mut e, _) = open("b", &["web", "db"], MemoryStore::default(), 0).unwrap();
         let views = e.views_for(&NodeId::new("a").unwrap());
         assert_eq!(views.len(), 2);
         e.heartbeat(&NodeId::new("a").unwrap(), &[], t(1)).unwrap();
@@ -320,13 +307,7 @@ mod tests {
 
     #[test]
     fn ticks_reach_due_machines_only() {
-        let (mut e, _) = Engine::open(
-            NodeId::new("b").unwrap(),
-            vec![cfg("web", "b")],
-            MemoryStore::default(),
-            t(0),
-        )
-        .unwrap();
+        let (mut e, _) = open("b", &["web"], MemoryStore::default(), 0).unwrap();
         assert!(e.tick(t(0)).unwrap().actions.is_empty());
         // With no heartbeat at all, the detector suspects a after its
         // initial timeout (15 s): not before.
@@ -347,13 +328,7 @@ mod tests {
 
     #[test]
     fn commands_answer_with_the_refusal() {
-        let (mut e, _) = Engine::open(
-            NodeId::new("b").unwrap(),
-            vec![cfg("web", "b")],
-            MemoryStore::default(),
-            t(0),
-        )
-        .unwrap();
+        let (mut e, _) = open("b", &["web"], MemoryStore::default(), 0).unwrap();
         let (r, _) = e
             .command(&PairId::new("web").unwrap(), Command::Switchover, t(1))
             .unwrap();
@@ -393,14 +368,7 @@ mod tests {
 
     #[test]
     fn a_store_that_cannot_persist_stops_the_engine_before_any_action() {
-        let e = Engine::open(
-            NodeId::new("a").unwrap(),
-            vec![cfg("web", "a")],
-            FailingStore,
-            t(0),
-        )
-        .err()
-        .unwrap();
+        let e = open("a", &["web"], FailingStore, 0).err().unwrap();
         assert_eq!(
             e.to_string(),
             "journal /j: append failed: disk gone (backend)"
@@ -409,21 +377,9 @@ mod tests {
 
     #[test]
     fn pairs_dropped_from_the_config_leave_the_journal() {
-        let (e, _) = Engine::open(
-            NodeId::new("a").unwrap(),
-            vec![cfg("web", "a"), cfg("db", "a")],
-            MemoryStore::default(),
-            t(0),
-        )
-        .unwrap();
+        let (e, _) = open("a", &["web", "db"], MemoryStore::default(), 0).unwrap();
         let store = e.store().clone();
-        let (e, _) = Engine::open(
-            NodeId::new("a").unwrap(),
-            vec![cfg("web", "a")],
-            store,
-            t(1),
-        )
-        .unwrap();
+        let (e, _) = open("a", &["web"], store, 1).unwrap();
         let mut s = e.store().clone();
         assert_eq!(s.load().unwrap().snapshots.len(), 1);
         assert!(matches!(

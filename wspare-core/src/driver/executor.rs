@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::fencer::Fencer;
-use crate::generation::Generation;
-use crate::hypervisor::Hypervisor;
+use crate::generation::{Generation, GenerationInfo};
+use crate::hypervisor::{Hypervisor, VmState};
 use crate::ids::{NodeId, PairId, VmName};
 use crate::machine::{Answer, Op, Outcome, ReplicaReport};
 use crate::receipt::FenceReceipt;
@@ -104,7 +104,7 @@ pub struct SystemClock;
 
 impl WallClock for SystemClock {
     fn now(&self) -> UnixMillis {
-        UnixMillis::from_system_time(std::time::SystemTime::now())
+        UnixMillis::now()
     }
 }
 
@@ -139,6 +139,20 @@ impl FenceGate {
         *g = Some((tokio::time::Instant::now(), r.clone()));
         Ok(r)
     }
+}
+
+/// `f`, or a timeout error saying that `what` did not finish within `t`.
+async fn within<T>(
+    what: &str,
+    t: Duration,
+    f: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(t, f).await.unwrap_or_else(|_| {
+        Err(Error::timeout(format!(
+            "{what} did not finish within {}",
+            humantime::format_duration(t)
+        )))
+    })
 }
 
 /// Runs one pair's actions.
@@ -200,13 +214,7 @@ impl Executor {
             Op::DestroyVm { .. } | Op::DestroyTestClone { .. } => Some(d.stop),
         };
         let r = match limit {
-            Some(t) => match tokio::time::timeout(t, self.exec(op)).await {
-                Ok(r) => r,
-                Err(_) => Err(Error::timeout(format!(
-                    "did not finish within {}",
-                    humantime::format_duration(t)
-                ))),
-            },
+            Some(t) => within("the action", t, self.exec(op)).await,
             None => self.exec(op).await,
         };
         match r {
@@ -237,22 +245,8 @@ impl Executor {
             .ok_or_else(|| Error::invalid(format!("no fence device configured for node {node}")))
     }
 
-    async fn step<T>(
-        &self,
-        what: &str,
-        t: Duration,
-        f: impl std::future::Future<Output = Result<T>>,
-    ) -> Result<T> {
-        match tokio::time::timeout(t, f).await {
-            Ok(r) => r,
-            Err(_) => Err(Error::timeout(format!(
-                "{what} did not finish within {}",
-                humantime::format_duration(t)
-            ))),
-        }
-    }
-
-    async fn observed(&self, node: &NodeId) -> Result<Answer> {
+    /// The VM's state on `node`, and a receipt if it is off.
+    async fn observed(&self, node: &NodeId) -> Result<(VmState, Option<FenceReceipt>)> {
         let state = self.hv(node)?.status(self.vm()).await?.state;
         let receipt = FenceReceipt::from_observed_state(
             node.clone(),
@@ -260,83 +254,71 @@ impl Executor {
             state,
             self.clock.now(),
         );
-        Ok(Answer::Observed { state, receipt })
+        Ok((state, receipt))
     }
 
     async fn stopped(&self, node: &NodeId) -> Result<Answer> {
         match self.observed(node).await? {
-            Answer::Observed {
-                receipt: Some(r), ..
-            } => Ok(Answer::Stopped(r)),
-            Answer::Observed { state, .. } => Err(Error::new(
+            (_, Some(r)) => Ok(Answer::Stopped(r)),
+            (state, None) => Err(Error::new(
                 ErrorKind::Conflict,
                 format!(
                     "the VM {} on {node} is {state} after it was stopped",
                     self.vm()
                 ),
             )),
-            _ => unreachable!("observed answers Observed"),
         }
     }
 
     async fn sync(&self, source: &NodeId, initial: bool) -> Result<Answer> {
         let d = &self.deadlines;
-        let rep = &self.backends.replicator;
-        let view = if rep.capabilities().needs_source_view {
+        let info = if self.backends.replicator.capabilities().needs_source_view {
             let _disks = self.disks.lock().await;
             let hv = self.hv(source)?;
-            let state = self
-                .step("reading the VM's state", d.observe, hv.status(self.vm()))
+            let state = within("reading the VM's state", d.observe, hv.status(self.vm()))
                 .await?
                 .state;
             if state.is_live() {
-                let frozen = self
-                    .step("freezing the disks", d.freeze, hv.freeze_disks(self.vm()))
-                    .await?;
-                let view = SourceView::Frozen(frozen.clone());
-                let copy = if initial {
-                    self.step("the initial sync", d.sync, rep.initial_sync(&view))
-                        .await
-                } else {
-                    self.step("the sync", d.sync, rep.sync(&view)).await
-                };
-                let release = self
-                    .step("releasing the disks", d.freeze, hv.release_disks(&frozen))
+                let frozen =
+                    within("freezing the disks", d.freeze, hv.freeze_disks(self.vm())).await?;
+                let copy = self
+                    .copy(initial, &SourceView::Frozen(frozen.clone()))
                     .await;
-                match (copy, release) {
-                    (Ok(info), Ok(())) => return Ok(self.generation(info)),
-                    (Err(e), Ok(())) => return Err(e),
-                    (_, Err(e)) => {
-                        return Err(e.context(format!(
+                // Released whatever the copy did.
+                within("releasing the disks", d.freeze, hv.release_disks(&frozen))
+                    .await
+                    .map_err(|e| {
+                        e.context(format!(
                             "the VM {} on {source} may still write to a snapshot overlay; releasing its freeze failed",
                             self.vm()
-                        )))
-                    }
-                }
-            }
-            let spec = self
-                .step("reading the VM's definition", d.observe, hv.spec(self.vm()))
-                .await?;
-            SourceView::Stopped {
-                disks: spec.disks,
-                at: self.clock.now(),
+                        ))
+                    })?;
+                copy?
+            } else {
+                let spec =
+                    within("reading the VM's definition", d.observe, hv.spec(self.vm())).await?;
+                let view = SourceView::Stopped {
+                    disks: spec.disks,
+                    at: self.clock.now(),
+                };
+                self.copy(initial, &view).await?
             }
         } else {
-            SourceView::Continuous
+            self.copy(initial, &SourceView::Continuous).await?
         };
-        let info = if initial {
-            self.step("the initial sync", d.sync, rep.initial_sync(&view))
-                .await?
-        } else {
-            self.step("the sync", d.sync, rep.sync(&view)).await?
-        };
-        Ok(self.generation(info))
-    }
-
-    fn generation(&self, info: crate::generation::GenerationInfo) -> Answer {
-        Answer::Generation {
+        Ok(Answer::Generation {
             info,
             age: self.clock.now().saturating_since(info.source_time),
+        })
+    }
+
+    /// One replication cycle from `view`, within the sync deadline.
+    async fn copy(&self, initial: bool, view: &SourceView) -> Result<GenerationInfo> {
+        let (rep, t) = (&self.backends.replicator, self.deadlines.sync);
+        if initial {
+            within("the initial sync", t, rep.initial_sync(view)).await
+        } else {
+            within("the sync", t, rep.sync(view)).await
         }
     }
 
@@ -401,7 +383,10 @@ impl Executor {
     async fn exec(&self, op: &Op) -> Result<Answer> {
         let vm = self.vm();
         match op {
-            Op::Observe { node } => self.observed(node).await,
+            Op::Observe { node } => {
+                let (state, receipt) = self.observed(node).await?;
+                Ok(Answer::Observed { state, receipt })
+            }
             Op::QueryReplica => {
                 let s = self.backends.replicator.status().await?;
                 let age = s.lag(self.clock.now());

@@ -19,10 +19,6 @@ use crate::spec::{Boot, DiskFormat, DiskSpec, VmSpec};
 use crate::time::UnixMillis;
 use crate::Result;
 
-fn wall() -> UnixMillis {
-    UnixMillis::from_system_time(std::time::SystemTime::now())
-}
-
 fn n(s: &str) -> NodeId {
     NodeId::new(s).unwrap()
 }
@@ -209,14 +205,14 @@ impl Replicator for Rep {
         *g += 1;
         Ok(GenerationInfo {
             generation: Generation(*g),
-            source_time: wall(),
+            source_time: UnixMillis::now(),
         })
     }
     async fn status(&self) -> Result<ReplicaStatus> {
         let g = *self.w.newest.lock().unwrap();
         let info = (g > 0).then_some(GenerationInfo {
             generation: Generation(g),
-            source_time: wall(),
+            source_time: UnixMillis::now(),
         });
         Ok(ReplicaStatus {
             source: n("a"),
@@ -235,7 +231,7 @@ impl Replicator for Rep {
         Ok(Promoted {
             generation: GenerationInfo {
                 generation: g,
-                source_time: wall(),
+                source_time: UnixMillis::now(),
             },
             disks: vec![disk(&format!("/spare/{g}/vda"))],
         })

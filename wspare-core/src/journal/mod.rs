@@ -188,6 +188,24 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Loaded, JournalError> {
     Ok(loaded)
 }
 
+/// The journal's bytes; none if there is no file yet.
+fn read(path: &Path) -> Result<Vec<u8>, JournalError> {
+    let io = |op, source| JournalError::Io {
+        path: path.to_path_buf(),
+        op,
+        source,
+    };
+    let mut bytes = Vec::new();
+    match File::open(path) {
+        Ok(mut f) => {
+            f.read_to_end(&mut bytes).map_err(|e| io("read", e))?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("open", e)),
+    }
+    Ok(bytes)
+}
+
 /// Frames one entry.
 pub fn frame(entry: &Entry) -> Vec<u8> {
     let payload = serde_json::to_vec(entry).expect("journal entries serialize");
@@ -273,19 +291,7 @@ impl Journal {
         compact_at: u64,
     ) -> Result<(Journal, Loaded), JournalError> {
         let path = path.into();
-        let io = |op, source| JournalError::Io {
-            path: path.clone(),
-            op,
-            source,
-        };
-        let mut bytes = Vec::new();
-        match File::open(&path) {
-            Ok(mut f) => {
-                f.read_to_end(&mut bytes).map_err(|e| io("read", e))?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("open", e)),
-        }
+        let bytes = read(&path)?;
         let loaded = parse(&path, &bytes)?;
         let valid = loaded.torn_tail.unwrap_or(bytes.len() as u64);
         if let Some(off) = loaded.torn_tail {
@@ -333,11 +339,7 @@ impl Journal {
         }
         let f = self.file.as_mut().expect("opened above");
         let r = f.write_all(&buf).and_then(|_| f.sync_data());
-        r.map_err(|e| JournalError::Io {
-            path: self.path.clone(),
-            op: "append",
-            source: e,
-        })?;
+        r.map_err(self.io("append"))?;
         self.size += buf.len() as u64;
         if self.size > self.compact_at {
             self.compact()?;
@@ -402,15 +404,7 @@ impl Store for Journal {
     }
 
     fn load(&mut self) -> Result<Loaded, JournalError> {
-        let mut bytes = Vec::new();
-        match File::open(&self.path) {
-            Ok(mut f) => {
-                f.read_to_end(&mut bytes).map_err(self.io("read"))?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(self.io("open")(e)),
-        }
-        parse(&self.path, &bytes)
+        parse(&self.path, &read(&self.path)?)
     }
 }
 

@@ -7,8 +7,12 @@ impl Machine {
     /// refusal into a `Rejected` event.)
     pub fn command(&mut self, c: Command) -> Result<(), String> {
         let phase = self.phase.name();
-        let busy =
-            |what: &str| format!("{what} is refused in maintenance; turn maintenance off first");
+        if self.maintenance && !matches!(c, Command::Maintenance(_) | Command::EndTest) {
+            return Err(format!(
+                "{} is refused in maintenance; turn maintenance off first",
+                c.name()
+            ));
+        }
         match c {
             Command::Maintenance(on) => {
                 if on == self.maintenance {
@@ -49,9 +53,6 @@ impl Machine {
                 self.request_handover("failback")
             }
             Command::TestFailover { generation } => {
-                if self.maintenance {
-                    return Err(busy("test failover"));
-                }
                 if self.is_active() {
                     return Err(format!(
                         "test failover runs on the spare; ask {}",
@@ -113,22 +114,9 @@ impl Machine {
                 );
                 Ok(())
             }
-            Command::ConfirmDown(receipt) => {
-                if self.maintenance {
-                    return Err(busy("confirm-down"));
-                }
-                self.confirm_down(receipt)
-            }
-            Command::StandDown => {
-                if self.maintenance {
-                    return Err(busy("stand-down"));
-                }
-                self.stand_down()
-            }
+            Command::ConfirmDown(receipt) => self.confirm_down(receipt),
+            Command::StandDown => self.stand_down(),
             Command::Resume { accept_data_loss } => {
-                if self.maintenance {
-                    return Err(busy("resume"));
-                }
                 if !matches!(self.phase, Phase::Blocked { .. }) {
                     return Err(format!(
                         "the pair is {phase}, not blocked; nothing to resume"
@@ -194,19 +182,7 @@ impl Machine {
                 self.cfg.local
             ));
         }
-        self.epoch = self.epoch.max(v.epoch);
-        self.active = v.active.clone();
-        self.stale_floor = Some(
-            v.newest
-                .map(|g| g.generation)
-                .or(self.newest.map(|g| g.generation))
-                .unwrap_or_default(),
-        );
-        self.peer_lost = false;
-        self.peer_receipt = None;
-        self.needs_reverse = false;
-        self.needs_initial = false;
-        self.restarts.clear();
+        self.yield_to(&v);
         let local = self.local();
         self.transition(
             Phase::Stale,
@@ -221,11 +197,6 @@ impl Machine {
     }
 
     fn request_handover(&mut self, what: &str) -> Result<(), String> {
-        if self.maintenance {
-            return Err(format!(
-                "{what} is refused in maintenance; turn maintenance off first"
-            ));
-        }
         if !self.is_active() {
             return Err(format!(
                 "{what} must be asked of the active node, {}",
@@ -326,7 +297,7 @@ impl Machine {
         }
     }
 
-    pub(super) fn on_test_destroyed(&mut self, outcome: Outcome, _why: &Why) {
+    pub(super) fn on_test_destroyed(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Ok(_) => {
                 if let Some(t) = self.test.take() {

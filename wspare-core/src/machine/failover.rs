@@ -143,12 +143,14 @@ impl Machine {
         let cause = self.suspect_confirmed.clone().unwrap_or_default();
         if let Some(floor) = self.stale_floor {
             let reason = format!(
-                "{cause}; but the copy here went stale when {active} took over from {floor} and was not resynced since: it is never started"
+                "{cause}; but the copy here went stale when {active} took over from {floor} and was not resynced since: it is never started; bring {active} back up"
             );
             return self.block(BlockedOn::StaleReplica, reason);
         }
         let Some(newest) = self.newest else {
-            let reason = format!("{cause}; but there is no complete generation here to start from");
+            let reason = format!(
+                "{cause}; but there is no complete generation here to start from; bring {active} back up"
+            );
             return self.block(BlockedOn::NoGeneration, reason);
         };
         if self.is_stale() && !self.cfg.policy.allow_stale_failover && !self.accept_data_loss {
@@ -301,10 +303,13 @@ impl Machine {
     pub(super) fn begin_promote(&mut self, receipt: FenceReceipt, cause: String) {
         match self.newest {
             Some(n) => self.begin_promote_gen(receipt, n.generation, false, cause),
-            None => self.block(
-                BlockedOn::NoGeneration,
-                format!("{cause}; but there is no complete generation to start from"),
-            ),
+            None => {
+                let reason = format!(
+                    "{cause}; but there is no complete generation on {} to start from; bring {} back up",
+                    self.cfg.local, self.active
+                );
+                self.block(BlockedOn::NoGeneration, reason)
+            }
         }
     }
 
@@ -409,8 +414,10 @@ impl Machine {
                     self.notice(format!("promoting {generation} failed: {f}; retrying"));
                     self.timers.retry = self.now + self.cfg.policy.retry_backoff;
                 } else {
-                    let reason =
-                        format!("promoting {generation} on {} failed: {f}", self.cfg.local);
+                    let reason = format!(
+                        "promoting {generation} on {} failed: {f}; resume to try the failover again",
+                        self.cfg.local
+                    );
                     self.block(BlockedOn::StartFailed, reason);
                 }
             }
@@ -425,7 +432,6 @@ impl Machine {
                 attempt,
             } => match outcome {
                 Outcome::Ok(_) => {
-                    self.local_state = Some(crate::hypervisor::VmState::Running);
                     let local = self.local();
                     self.settle(format!(
                         "VM started on {local} from {generation} ({receipt})"

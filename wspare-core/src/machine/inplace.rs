@@ -109,7 +109,7 @@ impl Machine {
                     other => {
                         let f = failure(other, "destroy");
                         let reason = format!(
-                            "the crashed VM on {} could not be destroyed: {f}",
+                            "the crashed VM on {} could not be destroyed: {f}; destroy it by hand, then resume",
                             self.cfg.local
                         );
                         self.block(BlockedOn::CrashLoop, reason);
@@ -161,7 +161,7 @@ impl Machine {
                         self.timers.retry = self.now + self.cfg.policy.retry_backoff;
                     } else {
                         let reason = format!(
-                            "cannot prove the copy on {peer} is off ({why}); not restarting the VM on {}",
+                            "cannot prove the copy on {peer} is off ({why}); not restarting the VM on {}; resume once {peer}'s hypervisor reports its copy shut off",
                             self.cfg.local
                         );
                         self.block(BlockedOn::StartFailed, reason);
@@ -251,7 +251,6 @@ impl Machine {
     pub(super) fn restart_started(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Ok(_) => {
-                self.local_state = Some(VmState::Running);
                 let local = self.local();
                 self.settle(format!("the VM was restarted on {local}"));
             }
@@ -329,7 +328,6 @@ impl Machine {
         };
         match outcome {
             Outcome::Ok(Answer::Stopped(_)) => {
-                self.local_state = Some(VmState::ShutOff);
                 self.phase = Phase::HandingOver {
                     step: HandoverStep::FinalSync,
                     planned,
@@ -349,8 +347,9 @@ impl Machine {
                     ));
                 } else {
                     let reason = format!(
-                        "could not stop the VM on {} to hand it over: {f}",
-                        self.cfg.local
+                        "could not stop the VM on {} to hand it over to {}: {f}; stop it by hand, then resume",
+                        self.cfg.local,
+                        self.peer()
                     );
                     self.block(BlockedOn::CrashLoop, reason);
                 }
@@ -469,14 +468,13 @@ impl Machine {
     pub(super) fn abort_started(&mut self, outcome: Outcome) {
         match outcome {
             Outcome::Ok(_) => {
-                self.local_state = Some(VmState::Running);
                 let local = self.local();
                 self.settle(format!("switchover aborted; the VM runs on {local} again"));
             }
             other => {
                 let f = failure(other, "start");
                 let reason = format!(
-                    "switchover aborted, and starting the VM on {} again failed: {f}",
+                    "switchover aborted, and starting the VM on {} again failed: {f}; resume to try again",
                     self.cfg.local
                 );
                 self.block(BlockedOn::StartFailed, reason);

@@ -89,6 +89,23 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The command's name, as operators type it (`wspare-agent`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Switchover => "switchover",
+            Command::Failback => "failback",
+            Command::TestFailover { .. } => "test-failover",
+            Command::EndTest => "end-test",
+            Command::Maintenance(true) => "maintenance on",
+            Command::Maintenance(false) => "maintenance off",
+            Command::ConfirmDown(_) => "confirm-down",
+            Command::StandDown => "stand-down",
+            Command::Resume { .. } => "resume",
+        }
+    }
+}
+
 /// A machine's view of its pair, sent to the peer in every heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -31,6 +31,9 @@ mod event;
 mod failover;
 mod inplace;
 mod input;
+#[cfg(any(test, feature = "model"))]
+#[doc(hidden)]
+pub mod model;
 mod phase;
 mod policy;
 mod recovery;
@@ -48,6 +51,7 @@ pub use action::{Action, Answer, Op, Outcome, ReplicaReport};
 pub use event::{Event, EventKind};
 pub use input::{Command, Input, PeerView};
 pub use phase::{BlockedOn, HandoverStep, Phase, PhaseName};
+use policy::Bug;
 #[cfg(feature = "inject-bugs")]
 pub use policy::Bugs;
 pub use policy::{PairConfig, Policy};
@@ -244,7 +248,6 @@ pub struct Machine {
     // Volatile state.
     newest_age: Option<(Duration, Instant)>,
     last_sync_error: Option<Failure>,
-    local_state: Option<crate::hypervisor::VmState>,
     detector: Detector,
     peer_view: Option<(PeerView, Instant)>,
     witness: Option<(bool, Instant)>,
@@ -298,7 +301,6 @@ impl Machine {
             accept_data_loss: false,
             newest_age: None,
             last_sync_error: None,
-            local_state: None,
             detector,
             peer_view: None,
             witness: None,
@@ -326,7 +328,7 @@ impl Machine {
             Input::VmObserved { node, state } => {
                 let r = Ok((state, None));
                 if node == self.cfg.local {
-                    self.on_local_state(r, &Why::Routine);
+                    self.on_local_state(r);
                 } else if node == *self.cfg.peer() {
                     self.on_peer_state(r, &Why::Routine);
                 }
@@ -470,15 +472,7 @@ impl Machine {
     fn bug(&self, b: Bug) -> bool {
         #[cfg(feature = "inject-bugs")]
         {
-            let x = &self.cfg.policy.bugs;
-            match b {
-                Bug::SkipFence => x.skip_fence,
-                Bug::StartBeforePromote => x.start_before_promote,
-                Bug::IgnoreGeneration => x.ignore_generation,
-                Bug::RepeatUnknownAction => x.repeat_unknown_action,
-                Bug::TrustLyingFencer => x.trust_lying_fencer,
-                Bug::StartStalePrimary => x.start_stale_primary,
-            }
+            self.cfg.policy.bugs.has(b)
         }
         #[cfg(not(feature = "inject-bugs"))]
         {
@@ -590,8 +584,16 @@ impl Machine {
         }
     }
 
+    /// Blocks for an operator. `reason` says what happened and, but for a
+    /// split brain (whose way out is always the same, added here), what to
+    /// do.
     fn block(&mut self, on: BlockedOn, reason: impl Into<String>) {
-        let reason = reason.into();
+        let mut reason = reason.into();
+        if on == BlockedOn::SplitBrain {
+            reason.push_str(
+                "; stand-down on the node whose copy should lose (it is destroyed and resynced), or stop one copy and resume",
+            );
+        }
         self.timers.fence = Instant::NEVER;
         self.timers.retry = Instant::NEVER;
         self.timers.handover = Instant::NEVER;
@@ -652,14 +654,14 @@ impl Machine {
     fn dispatch(&mut self, op: Op, why: Why, outcome: Outcome) {
         if let Why::Reobserve(orig) = why {
             let (orig_op, orig_why) = *orig;
-            self.reobserved(op, outcome, orig_op, orig_why);
+            self.reobserved(outcome, orig_op, orig_why);
             return;
         }
         match op {
             Op::Observe { node } => {
                 let r = observed(outcome);
                 if node == self.cfg.local {
-                    self.on_local_state(r, &why);
+                    self.on_local_state(r);
                 } else {
                     self.on_peer_state(r, &why);
                 }
@@ -680,7 +682,7 @@ impl Machine {
             Op::StartVm { .. } => self.on_start_done(outcome, &why),
             Op::StopVm { .. } | Op::DestroyVm { .. } => self.on_stopped(outcome, &why),
             Op::StartTestClone { .. } => self.on_test_started(outcome),
-            Op::DestroyTestClone { .. } => self.on_test_destroyed(outcome, &why),
+            Op::DestroyTestClone { .. } => self.on_test_destroyed(outcome),
         }
     }
 
@@ -728,18 +730,6 @@ impl Machine {
             self.resettle();
         }
     }
-}
-
-/// A deliberate defect (see [`Bugs`]); always off without the
-/// `inject-bugs` feature.
-#[derive(Clone, Copy, Debug)]
-enum Bug {
-    SkipFence,
-    StartBeforePromote,
-    IgnoreGeneration,
-    RepeatUnknownAction,
-    TrustLyingFencer,
-    StartStalePrimary,
 }
 
 /// Ops that may run in maintenance: observations, and destroying a test

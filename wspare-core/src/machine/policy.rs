@@ -162,28 +162,34 @@ impl Policy {
     }
 }
 
-/// Deliberate defects that the simulator's invariant checker must catch.
-/// They exist only with the `inject-bugs` feature.
+/// A deliberate defect that the simulator's invariant checker must catch;
+/// only ever on with the `inject-bugs` feature (see `Bugs`). In the order
+/// of `Bugs::NAMES`.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Bug {
+    /// Start the spare on suspicion alone, with a made-up receipt.
+    SkipFence,
+    /// Start the spare before the promotion finished.
+    StartBeforePromote,
+    /// Ignore a peer's newer epoch and keep replicating from the local copy.
+    IgnoreGeneration,
+    /// Repeat an action whose outcome is unknown instead of observing.
+    RepeatUnknownAction,
+    /// Skip the check that the fenced node really is down.
+    TrustLyingFencer,
+    /// After a restart without peer contact, start the local copy.
+    StartStalePrimary,
+}
+
+/// The deliberate defects switched on (see [`Bugs::NAMES`]). They exist
+/// only with the `inject-bugs` feature.
 #[cfg(feature = "inject-bugs")]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Bugs {
-    /// Start the spare on suspicion alone, with a made-up receipt.
-    pub skip_fence: bool,
-    /// Start the spare before the promotion finished.
-    pub start_before_promote: bool,
-    /// Ignore a peer's newer epoch and keep replicating from the local copy.
-    pub ignore_generation: bool,
-    /// Repeat an action whose outcome is unknown instead of observing.
-    pub repeat_unknown_action: bool,
-    /// Skip the check that the fenced node really is down.
-    pub trust_lying_fencer: bool,
-    /// After a restart without peer contact, start the local copy.
-    pub start_stale_primary: bool,
-}
+pub struct Bugs(u8);
 
 #[cfg(feature = "inject-bugs")]
 impl Bugs {
-    /// The names `wspare-sim --inject-bug` accepts.
+    /// The names `wspare-sim --inject-bug` accepts, one per defect.
     pub const NAMES: [&'static str; 6] = [
         "skip-fence",
         "start-before-promote",
@@ -195,20 +201,16 @@ impl Bugs {
 
     /// Turns on the defect `name`.
     pub fn enable(&mut self, name: &str) -> Result<(), String> {
-        match name {
-            "skip-fence" => self.skip_fence = true,
-            "start-before-promote" => self.start_before_promote = true,
-            "ignore-generation" => self.ignore_generation = true,
-            "repeat-unknown-action" => self.repeat_unknown_action = true,
-            "trust-lying-fencer" => self.trust_lying_fencer = true,
-            "start-stale-primary" => self.start_stale_primary = true,
-            other => {
-                return Err(format!(
-                    "unknown bug {other:?}; known: {}",
-                    Self::NAMES.join(", ")
-                ))
-            }
-        }
+        let i = Self::NAMES
+            .iter()
+            .position(|n| *n == name)
+            .ok_or_else(|| format!("unknown bug {name:?}; known: {}", Self::NAMES.join(", ")))?;
+        self.0 |= 1 << i;
         Ok(())
+    }
+
+    /// Whether `b` is on.
+    pub(super) fn has(self, b: Bug) -> bool {
+        self.0 & 1 << b as u8 != 0
     }
 }

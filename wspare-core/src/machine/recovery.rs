@@ -221,22 +221,10 @@ impl Machine {
             return;
         }
         let was_active = self.is_active();
-        self.epoch = v.epoch;
-        self.active = v.active.clone();
-        self.stale_floor = Some(
-            v.newest
-                .map(|g| g.generation)
-                .or(self.newest.map(|g| g.generation))
-                .unwrap_or_default(),
-        );
+        self.yield_to(v);
         if let Some(g) = v.newest {
             self.learn_generation(g, v.newest_age);
         }
-        self.peer_lost = false;
-        self.peer_receipt = None;
-        self.needs_reverse = false;
-        self.needs_initial = false;
-        self.restarts.clear();
         self.last_sync_error = None;
         self.timers.handover = Instant::NEVER;
         self.timers.sync = Instant::NEVER;
@@ -254,6 +242,25 @@ impl Machine {
         self.transition(Phase::Stale, cause);
         self.arm_steady_timers();
         self.observe_local(Why::Routine);
+    }
+
+    /// Takes the peer's claim (its epoch and active node), as a newer epoch
+    /// or an operator's stand-down calls for: the copy here is stale until
+    /// a generation newer than the peer's (or this node's) newest arrives.
+    pub(super) fn yield_to(&mut self, v: &PeerView) {
+        self.epoch = self.epoch.max(v.epoch);
+        self.active = v.active.clone();
+        self.stale_floor = Some(
+            v.newest
+                .or(self.newest)
+                .map(|g| g.generation)
+                .unwrap_or_default(),
+        );
+        self.peer_lost = false;
+        self.peer_receipt = None;
+        self.needs_reverse = false;
+        self.needs_initial = false;
+        self.restarts.clear();
     }
 
     /// An action's outcome is unknown: observe first (invariant 7).
@@ -300,7 +307,7 @@ impl Machine {
     /// The observation standing in for an unknown outcome answered: turn it
     /// into the original action's outcome, or repeat the action now that its
     /// effect is known to be missing.
-    pub(super) fn reobserved(&mut self, _obs: Op, outcome: Outcome, op: Op, why: Why) {
+    pub(super) fn reobserved(&mut self, outcome: Outcome, op: Op, why: Why) {
         match &op {
             Op::Sync { .. } | Op::InitialSync { .. } => {
                 let before = self.newest.map(|n| n.generation);

@@ -13,14 +13,7 @@ impl Machine {
         }
         if self.is_active() {
             self.timers.query = Instant::NEVER;
-            if self.timers.sync == Instant::NEVER
-                && !self.in_flight(|o| {
-                    matches!(
-                        o,
-                        Op::Sync { .. } | Op::InitialSync { .. } | Op::ReverseReplication { .. }
-                    )
-                })
-            {
+            if self.timers.sync == Instant::NEVER && !self.replicating() {
                 self.timers.sync = now;
             }
         } else {
@@ -132,12 +125,9 @@ impl Machine {
         self.settle(format!("{peer} is back; replicating to it"));
     }
 
-    pub(super) fn on_local_state(&mut self, r: Observed, _why: &Why) {
+    pub(super) fn on_local_state(&mut self, r: Observed) {
         let state = match &r {
-            Ok((s, _)) => {
-                self.local_state = Some(*s);
-                Some(*s)
-            }
+            Ok((s, _)) => Some(*s),
             Err(f) => {
                 self.notice(format!("cannot observe the VM on {}: {f}", self.cfg.local));
                 None
@@ -210,6 +200,16 @@ impl Machine {
         }
     }
 
+    /// Whether a sync, initial sync or reverse is in flight.
+    fn replicating(&self) -> bool {
+        self.in_flight(|o| {
+            matches!(
+                o,
+                Op::Sync { .. } | Op::InitialSync { .. } | Op::ReverseReplication { .. }
+            )
+        })
+    }
+
     /// The sync timer: one replication cycle, if this node drives them now.
     pub(super) fn sync_cycle(&mut self) {
         let interval = self.cfg.policy.sync_interval;
@@ -226,12 +226,7 @@ impl Machine {
             }
             return;
         }
-        if self.in_flight(|o| {
-            matches!(
-                o,
-                Op::Sync { .. } | Op::InitialSync { .. } | Op::ReverseReplication { .. }
-            )
-        }) {
+        if self.replicating() {
             return;
         }
         let (source, target) = (self.local(), self.peer());
@@ -302,8 +297,15 @@ impl Machine {
         }
     }
 
-    /// The steady phase the facts call for.
-    fn steady_target(&self) -> Phase {
+    /// The steady phase the facts call for. A stale copy that got a
+    /// generation newer than its floor is stale no more.
+    fn steady_target(&mut self) -> Phase {
+        if self
+            .stale_floor
+            .is_some_and(|f| self.newest.is_some_and(|n| n.generation > f))
+        {
+            self.stale_floor = None;
+        }
         let bound = humantime::format_duration(self.cfg.policy.data_loss_bound);
         let stale_reason = |g: Generation| {
             format!("newest generation {g} is older than the data-loss bound ({bound})")
@@ -374,12 +376,6 @@ impl Machine {
     pub(super) fn settle(&mut self, cause: impl Into<String>) {
         self.retries = 0;
         self.suspect_confirmed = None;
-        if self
-            .stale_floor
-            .is_some_and(|f| self.newest.is_some_and(|n| n.generation > f))
-        {
-            self.stale_floor = None;
-        }
         let to = self.steady_target();
         self.transition(to, cause);
         self.arm_steady_timers();
@@ -392,12 +388,6 @@ impl Machine {
     pub(super) fn resettle(&mut self) {
         if !self.phase.is_steady() {
             return;
-        }
-        if self
-            .stale_floor
-            .is_some_and(|f| self.newest.is_some_and(|n| n.generation > f))
-        {
-            self.stale_floor = None;
         }
         let to = self.steady_target();
         if to != self.phase {

@@ -35,7 +35,6 @@ pub(crate) enum EnvValue {
 #[derive(Clone)]
 pub(crate) enum StdinData {
     Plain(Vec<u8>),
-    Secret(Secret),
     Parts(Vec<StdinPart>),
 }
 
@@ -101,7 +100,7 @@ impl Command {
 
     /// Feeds a secret on stdin (fence agents' `key=value` protocol).
     pub fn secret_stdin(mut self, data: Secret) -> Self {
-        self.stdin = Some(StdinData::Secret(data));
+        self.stdin = Some(StdinData::Parts(vec![StdinPart::Secret(data)]));
         self
     }
 
@@ -203,7 +202,6 @@ impl Command {
         use std::borrow::Cow;
         self.stdin.as_ref().map(|s| match s {
             StdinData::Plain(b) => Cow::Borrowed(b.as_slice()),
-            StdinData::Secret(s) => Cow::Borrowed(s.expose().as_bytes()),
             StdinData::Parts(parts) => {
                 let mut v = Vec::new();
                 for p in parts {
@@ -222,7 +220,6 @@ impl Command {
     pub fn stdin_redacted(&self) -> Option<String> {
         self.stdin.as_ref().map(|s| match s {
             StdinData::Plain(b) => String::from_utf8_lossy(b).into_owned(),
-            StdinData::Secret(_) => "<redacted>".into(),
             StdinData::Parts(parts) => parts
                 .iter()
                 .map(|p| match p {
@@ -242,13 +239,11 @@ impl Command {
                 EnvValue::Plain(_) => None,
             })
             .collect();
-        match &self.stdin {
-            Some(StdinData::Secret(s)) => v.push(s),
-            Some(StdinData::Parts(parts)) => v.extend(parts.iter().filter_map(|p| match p {
+        if let Some(StdinData::Parts(parts)) = &self.stdin {
+            v.extend(parts.iter().filter_map(|p| match p {
                 StdinPart::Secret(s) => Some(s),
                 StdinPart::Plain(_) => None,
-            })),
-            _ => {}
+            }));
         }
         v.extend(self.also_redact.iter());
         v

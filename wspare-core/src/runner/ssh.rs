@@ -141,7 +141,6 @@ impl SshRunner {
                 Some(StdinData::Plain(b)) => {
                     parts.push(StdinPart::Plain(String::from_utf8_lossy(b).into_owned()))
                 }
-                Some(StdinData::Secret(s)) => parts.push(StdinPart::Secret(s.clone())),
                 Some(StdinData::Parts(p)) => parts.extend(p.iter().cloned()),
             }
             Some(StdinData::Parts(parts))

@@ -115,13 +115,7 @@ fn crash_loop_without_a_reachable_spare_blocks() {
         node: n("a"),
         state: VmState::ShutOff,
     });
-    assert!(matches!(
-        h.m.phase(),
-        Phase::Blocked {
-            on: BlockedOn::CrashLoop,
-            ..
-        }
-    ));
+    assert!(matches!(h.blocked_on(), Some(BlockedOn::CrashLoop)));
     assert!(
         h.last_event()
             .ends_with("and the spare b is unreachable; fix the VM, then resume"),
@@ -156,13 +150,7 @@ fn a_running_spare_copy_blocks_the_restart() {
         state: VmState::ShutOff,
     });
     h.answer("observe VM on b", observed("b", VmState::Running));
-    assert!(matches!(
-        h.m.phase(),
-        Phase::Blocked {
-            on: BlockedOn::SplitBrain,
-            ..
-        }
-    ));
+    assert!(matches!(h.blocked_on(), Some(BlockedOn::SplitBrain)));
     assert!(h.take().is_empty());
 }
 
@@ -189,8 +177,9 @@ fn an_unreachable_spare_hypervisor_is_asked_again_then_blocks() {
     );
 }
 
-#[test]
-fn the_hand_over_blocks_when_the_peer_never_takes_over() {
+/// A, with no restart allowed, finds its VM down and offers the pair to B
+/// with g6.
+fn offering_g6() -> H {
     let mut h = active_protected(Policy {
         restart_limit: 0,
         ..policy()
@@ -204,15 +193,18 @@ fn the_hand_over_blocks_when_the_peer_never_takes_over() {
         Outcome::Ok(Answer::Stopped(off_receipt("a"))),
     );
     h.answer("sync a -> b", generation(6));
+    h
+}
+
+#[test]
+fn the_hand_over_blocks_when_the_peer_never_takes_over() {
+    let mut h = offering_g6();
     h.beats(59, Some(view_b(6)));
     assert_eq!(h.phase(), PhaseName::HandingOver);
     h.advance(Duration::from_secs(1));
     assert!(matches!(
-        h.m.phase(),
-        Phase::Blocked {
-            on: BlockedOn::HandoverUnacknowledged,
-            ..
-        }
+        h.blocked_on(),
+        Some(BlockedOn::HandoverUnacknowledged)
     ));
     assert!(
         h.take().is_empty(),
@@ -222,19 +214,7 @@ fn the_hand_over_blocks_when_the_peer_never_takes_over() {
 
 #[test]
 fn the_hand_over_waits_while_the_peer_is_taking_over() {
-    let mut h = active_protected(Policy {
-        restart_limit: 0,
-        ..policy()
-    });
-    h.input(Input::VmObserved {
-        node: n("a"),
-        state: VmState::ShutOff,
-    });
-    h.answer(
-        "destroy VM on a",
-        Outcome::Ok(Answer::Stopped(off_receipt("a"))),
-    );
-    h.answer("sync a -> b", generation(6));
+    let mut h = offering_g6();
     h.beats(50, Some(view_b(6)));
     h.beats(
         50,

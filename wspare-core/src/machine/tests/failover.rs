@@ -249,11 +249,8 @@ fn a_lying_fencer_blocks_instead_of_starting() {
     h.answer("observe VM on a", observed("a", VmState::Running));
     assert_eq!(h.phase(), PhaseName::Blocked);
     assert!(matches!(
-        h.m.phase(),
-        Phase::Blocked {
-            on: BlockedOn::LyingFencer { .. },
-            ..
-        }
+        h.blocked_on(),
+        Some(BlockedOn::LyingFencer { .. })
     ));
     assert!(h.take().is_empty());
     assert!(
@@ -333,13 +330,7 @@ fn no_generation_blocks() {
             age: None,
         })),
     );
-    assert!(matches!(
-        h.m.phase(),
-        Phase::Blocked {
-            on: BlockedOn::NoGeneration,
-            ..
-        }
-    ));
+    assert!(matches!(h.blocked_on(), Some(BlockedOn::NoGeneration)));
     assert!(h.take().is_empty());
 }
 
@@ -469,13 +460,7 @@ fn a_stale_spare_never_fails_over() {
     h.advance(Duration::from_secs(20));
     h.answer("observe VM on a", unreachable());
     h.answer("query replica", report("a", "b", 5, 3));
-    assert!(matches!(
-        h.m.phase(),
-        Phase::Blocked {
-            on: BlockedOn::StaleReplica,
-            ..
-        }
-    ));
+    assert!(matches!(h.blocked_on(), Some(BlockedOn::StaleReplica)));
     assert!(h.take().is_empty());
 }
 
@@ -498,13 +483,7 @@ fn a_failover_whose_start_fails_is_resumed_from_the_promoted_generation() {
         h.advance(policy().retry_backoff);
     }
     assert!(
-        matches!(
-            h.m.phase(),
-            Phase::Blocked {
-                on: BlockedOn::FailoverStartFailed { .. },
-                ..
-            }
-        ),
+        matches!(h.blocked_on(), Some(BlockedOn::FailoverStartFailed { .. })),
         "{:?}",
         h.m.phase()
     );

@@ -15,62 +15,16 @@ use crate::hypervisor::VmState;
 use crate::receipt::PowerState;
 use crate::time::UnixMillis;
 
-pub(super) fn n(s: &str) -> NodeId {
-    NodeId::new(s).unwrap()
-}
+pub(super) use super::model::{cfg, g, n, off_receipt, power_receipt};
 
-pub(super) fn g(n: u64) -> GenerationInfo {
-    GenerationInfo {
-        generation: Generation(n),
-        source_time: UnixMillis(n * 1000),
-    }
-}
-
-/// Policy with long periodic intervals, so scenarios see only the actions
-/// they cause.
+/// The model's policy with long periodic intervals, so scenarios see only
+/// the actions they cause.
 pub(super) fn policy() -> Policy {
     Policy {
         sync_interval: Duration::from_secs(3600),
         monitor_interval: Duration::from_secs(3600),
-        data_loss_bound: Duration::from_secs(600),
-        restart_limit: 2,
-        restart_window: Duration::from_secs(600),
-        fence_attempts: 3,
-        fence_backoff: Duration::from_secs(2),
-        fence_backoff_max: Duration::from_secs(8),
-        shutdown_timeout: Duration::from_secs(30),
-        handover_timeout: Duration::from_secs(60),
-        peer_wait: Duration::from_secs(30),
-        retry_backoff: Duration::from_secs(5),
-        ..Policy::default()
+        ..super::model::policy()
     }
-}
-
-pub(super) fn cfg(local: &str, policy: Policy) -> PairConfig {
-    PairConfig {
-        pair: PairId::new("web").unwrap(),
-        vm: crate::ids::VmName::new("web").unwrap(),
-        primary: n("a"),
-        spare: n("b"),
-        local: n(local),
-        witness: false,
-        peer_fence_delay: Duration::ZERO,
-        policy,
-    }
-}
-
-pub(super) fn power_receipt(node: &str) -> FenceReceipt {
-    FenceReceipt::from_power_reading(n(node), "ipmi", PowerState::Off, UnixMillis(5000)).unwrap()
-}
-
-pub(super) fn off_receipt(node: &str) -> FenceReceipt {
-    FenceReceipt::from_observed_state(
-        n(node),
-        crate::ids::VmName::new("web").unwrap(),
-        VmState::ShutOff,
-        UnixMillis(5000),
-    )
-    .unwrap()
 }
 
 pub(super) fn observed(node: &str, state: VmState) -> Outcome {
@@ -201,6 +155,14 @@ impl H {
 
     pub(super) fn phase(&self) -> PhaseName {
         self.m.phase().name()
+    }
+
+    /// What the machine is blocked on, if it is.
+    pub(super) fn blocked_on(&self) -> Option<&BlockedOn> {
+        match self.m.phase() {
+            Phase::Blocked { on, .. } => Some(on),
+            _ => None,
+        }
     }
 
     /// Transition events as "from -> to: cause".

@@ -208,11 +208,8 @@ fn a_returned_primary_without_peer_contact_blocks() {
     a.answer("observe VM on a", observed("a", VmState::ShutOff));
     a.advance(policy().peer_wait);
     assert!(matches!(
-        a.m.phase(),
-        Phase::Blocked {
-            on: BlockedOn::NoPeerContact { .. },
-            ..
-        }
+        a.blocked_on(),
+        Some(BlockedOn::NoPeerContact { .. })
     ));
     assert!(a.take().is_empty());
     a.command(Command::ConfirmDown(FenceReceipt::from_operator(
@@ -245,13 +242,7 @@ fn an_active_restarted_while_fencing_its_spare_waits_for_the_peer() {
     a.answer("observe VM on a", observed("a", VmState::ShutOff));
     a.advance(policy().peer_wait);
     assert!(
-        matches!(
-            a.m.phase(),
-            Phase::Blocked {
-                on: BlockedOn::NoPeerContact { .. },
-                ..
-            }
-        ),
+        matches!(a.blocked_on(), Some(BlockedOn::NoPeerContact { .. })),
         "{:?}",
         a.m.phase()
     );
@@ -282,13 +273,7 @@ fn a_spare_fenced_before_a_restart_is_no_proof_after_it() {
     a.answer("observe VM on a", observed("a", VmState::ShutOff));
     a.advance(policy().peer_wait);
     assert!(
-        matches!(
-            a.m.phase(),
-            Phase::Blocked {
-                on: BlockedOn::NoPeerContact { .. },
-                ..
-            }
-        ),
+        matches!(a.blocked_on(), Some(BlockedOn::NoPeerContact { .. })),
         "{:?}",
         a.m.phase()
     );
@@ -474,13 +459,7 @@ fn a_spare_whose_fenced_peer_came_back_running_does_not_start() {
     b.beats(3, Some(view_a(5)));
     b.answer("promote g5 on b", Outcome::Ok(Answer::Promoted(g(5))));
     b.answer("observe VM on a", observed("a", VmState::Running));
-    assert!(matches!(
-        b.m.phase(),
-        Phase::Blocked {
-            on: BlockedOn::SplitBrain,
-            ..
-        }
-    ));
+    assert!(matches!(b.blocked_on(), Some(BlockedOn::SplitBrain)));
     assert!(b.take().is_empty());
 }
 
@@ -530,13 +509,7 @@ fn stand_down_resolves_a_split_brain_in_favour_of_the_peer() {
             ..view_b(5)
         }),
     });
-    assert!(matches!(
-        a.m.phase(),
-        Phase::Blocked {
-            on: BlockedOn::SplitBrain,
-            ..
-        }
-    ));
+    assert!(matches!(a.blocked_on(), Some(BlockedOn::SplitBrain)));
     a.command(Command::StandDown);
     assert_eq!(a.phase(), PhaseName::Stale);
     assert_eq!(a.m.active(), &n("b"));
