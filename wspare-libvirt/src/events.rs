@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::broadcast;
 use virt::connect::Connect;
-use wspare_core::{VmEvent, VmName, VmState, VmStatus};
+use wspare_core::{VmEvent, VmName};
 
 /// How long the watcher waits for a callback before checking its connection.
 const POLL: Duration = Duration::from_secs(2);
@@ -94,13 +94,7 @@ fn watch(uri: &str, tx: &broadcast::Sender<VmEvent>) {
 fn read_event(conn: &Connect, uri: &str, name: &str) -> Option<VmEvent> {
     let vm = VmName::new(name).ok()?;
     let at = crate::error::At::new(uri, Some(name));
-    let status = match conn.lookup_domain_by_name(name) {
-        Ok(dom) => crate::hypervisor::domain_status(&dom, &at).ok()?,
-        Err(e) if e.code().to_raw() == virt::sys::VIR_ERR_NO_DOMAIN => {
-            VmStatus::new(VmState::Missing)
-        }
-        Err(_) => return None,
-    };
+    let status = crate::hypervisor::status_of(conn, &at, name).ok()?;
     Some(VmEvent { vm, status })
 }
 

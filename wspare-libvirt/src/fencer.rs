@@ -146,7 +146,15 @@ impl Fencer for LibvirtVmFencer {
                             at,
                         )
                         .ok_or_else(|| {
-                            Error::new(ErrorKind::Backend, "receipt refused for a shut-off state")
+                            Error::new(
+                                ErrorKind::Backend,
+                                format!(
+                                    "libvirt VM fencer: domain {} of node {node} reads shut off on {}, \
+                                     but the core refused a receipt for that state (a bug); fence node {node} by other means",
+                                    t.domain,
+                                    t.hypervisor.uri()
+                                ),
+                            )
                         });
                     }
                     VmState::Missing => return Err(not_defined(t, node)),

@@ -9,8 +9,8 @@ use virt::connect::Connect;
 use virt::domain::{Domain, DomainStateReason};
 use virt::sys;
 use wspare_core::{
-    Consistency, DiskFormat, DiskSpec, FrozenDisk, FrozenDisks, Hypervisor, HypervisorCaps, Result,
-    UnixMillis, VmName, VmSpec, VmState, VmStatus,
+    Consistency, DiskSpec, FrozenDisk, FrozenDisks, Hypervisor, HypervisorCaps, Result, UnixMillis,
+    VmName, VmSpec, VmState, VmStatus,
 };
 
 use crate::blockjob::{block_job, BlockJobOp};
@@ -141,21 +141,25 @@ impl LibvirtHypervisor {
     /// The domain XML this backend would define for `spec` (for review,
     /// `virsh define`, or the tests).
     pub fn render(&self, spec: &VmSpec) -> Result<String> {
-        spec.validate()?;
-        xml::render_domain(spec, &self.render_options(&spec.name, None)).map_err(|what| {
-            self.invalid(Some(&spec.name), "rendering the domain XML", what)
-                .into()
-        })
+        spec.validate()
+            .map_err(|e| e.context(format!("libvirt {}", self.inner.cfg.uri)))?;
+        Ok(self.render_with_uuid(spec, None)?)
     }
 
-    fn render_options(&self, vm: &VmName, uuid: Option<String>) -> RenderOptions {
+    /// Renders a spec that passed [`VmSpec::validate`], keeping `uuid`.
+    fn render_with_uuid(
+        &self,
+        spec: &VmSpec,
+        uuid: Option<String>,
+    ) -> Result<String, LibvirtError> {
         let mut o = RenderOptions::new(self.inner.domain_type);
         o.arch.clone_from(&self.inner.cfg.arch);
         o.machine.clone_from(&self.inner.cfg.machine);
         o.uuid = uuid;
-        o.console_log = self.console_log(vm);
+        o.console_log = self.console_log(&spec.name);
         o.guest_agent = self.inner.cfg.guest_agent;
-        o
+        xml::render_domain(spec, &o)
+            .map_err(|what| self.invalid(Some(&spec.name), "rendering the domain XML", what))
     }
 
     fn at(&self, vm: Option<&VmName>) -> At {
@@ -164,14 +168,6 @@ impl LibvirtHypervisor {
 
     fn invalid(&self, vm: Option<&VmName>, op: &str, what: impl Into<String>) -> LibvirtError {
         LibvirtError::InvalidInput {
-            at: self.at(vm),
-            op: op.into(),
-            what: what.into(),
-        }
-    }
-
-    fn unsupported(&self, vm: Option<&VmName>, op: &str, what: impl Into<String>) -> LibvirtError {
-        LibvirtError::Unsupported {
             at: self.at(vm),
             op: op.into(),
             what: what.into(),
@@ -264,7 +260,20 @@ fn lookup_opt(c: &Connect, at: &At, name: &str) -> Result<Option<Domain>, Libvir
     }
 }
 
-pub(crate) fn domain_status(dom: &Domain, at: &At) -> Result<VmStatus, LibvirtError> {
+/// The state of domain `name`, `Missing` if it is not defined.
+pub(crate) fn status_of(c: &Connect, at: &At, name: &str) -> Result<VmStatus, LibvirtError> {
+    match lookup_opt(c, at, name)? {
+        None => Ok(VmStatus::new(VmState::Missing)),
+        Some(dom) => domain_status(&dom, at),
+    }
+}
+
+/// Whether `path` is one of this backend's freeze overlays.
+fn is_overlay(path: &Path) -> bool {
+    path.to_string_lossy().contains(OVERLAY_MARK)
+}
+
+fn domain_status(dom: &Domain, at: &At) -> Result<VmStatus, LibvirtError> {
     // virt 0.5's `state()` drops the call's error and reports state -1.
     let (state, reason) = dom
         .state()
@@ -298,6 +307,31 @@ fn is_active(dom: &Domain, at: &At) -> Result<bool, LibvirtError> {
         .map_err(|e| LibvirtError::call(at.clone(), "reading whether the domain runs", &e))
 }
 
+/// Brings `dom` to running (`want` true) or stopped with `act`, unless it
+/// is there already. `VIR_ERR_OPERATION_INVALID` from `act` is success when the
+/// domain got there meanwhile (someone else started or stopped it).
+fn ensure_active(
+    dom: &Domain,
+    at: &At,
+    want: bool,
+    op: &str,
+    act: impl FnOnce(&Domain) -> Result<(), virt::error::Error>,
+) -> Result<(), LibvirtError> {
+    if is_active(dom, at)? == want {
+        return Ok(());
+    }
+    match act(dom) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.code().to_raw() == sys::VIR_ERR_OPERATION_INVALID
+                && is_active(dom, at)? == want =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(LibvirtError::call(at.clone(), op, &e)),
+    }
+}
+
 fn domain_xml(dom: &Domain, at: &At, inactive: bool) -> Result<String, LibvirtError> {
     let flags = if inactive {
         sys::VIR_DOMAIN_XML_INACTIVE
@@ -306,6 +340,17 @@ fn domain_xml(dom: &Domain, at: &At, inactive: bool) -> Result<String, LibvirtEr
     };
     dom.xml_desc(flags)
         .map_err(|e| LibvirtError::call(at.clone(), "reading the domain XML", &e))
+}
+
+/// Why a driver cannot freeze.
+const NO_FREEZE: &str = "this libvirt driver has no external disk-only snapshots";
+
+fn unsupported(at: &At, op: &str, what: &str) -> LibvirtError {
+    LibvirtError::Unsupported {
+        at: at.clone(),
+        op: op.into(),
+        what: what.into(),
+    }
 }
 
 fn parse_err(at: &At, op: &str, e: xml::ParseError) -> LibvirtError {
@@ -327,6 +372,24 @@ fn parse_err(at: &At, op: &str, e: xml::ParseError) -> LibvirtError {
 fn disks_of(dom: &Domain, at: &At, inactive: bool) -> Result<Vec<XmlDisk>, LibvirtError> {
     xml::parse_disks(&domain_xml(dom, at, inactive)?)
         .map_err(|e| parse_err(at, "reading the disks", e))
+}
+
+/// The disk in slot `target` of the persistent definition and, if the
+/// domain runs (`active`), of the live one.
+fn disk_in_slot(
+    dom: &Domain,
+    at: &At,
+    target: &str,
+    active: bool,
+) -> Result<(Option<XmlDisk>, Option<XmlDisk>), LibvirtError> {
+    let find = |inactive| -> Result<Option<XmlDisk>, LibvirtError> {
+        Ok(disks_of(dom, at, inactive)?
+            .into_iter()
+            .find(|d| d.spec.target == target))
+    };
+    let config = find(true)?;
+    let live = if active { find(false)? } else { None };
+    Ok((config, live))
 }
 
 /// Errors of a quiesced snapshot that mean "no guest agent answered": the
@@ -417,15 +480,9 @@ impl Hypervisor for LibvirtHypervisor {
     async fn status(&self, vm: &VmName) -> Result<VmStatus> {
         let name = vm.to_string();
         Ok(self
-            .call(
-                Some(vm),
-                "reading the state",
-                true,
-                move |c, at| match lookup_opt(c, at, &name)? {
-                    None => Ok(VmStatus::new(VmState::Missing)),
-                    Some(dom) => domain_status(&dom, at),
-                },
-            )
+            .call(Some(vm), "reading the state", true, move |c, at| {
+                status_of(c, at, &name)
+            })
             .await?)
     }
 
@@ -468,13 +525,8 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     async fn define(&self, spec: &VmSpec) -> Result<()> {
-        spec.validate().map_err(|e| {
-            e.context(format!(
-                "libvirt {}: defining domain {}",
-                self.inner.cfg.uri, spec.name
-            ))
-        })?;
-        // Renders once here so that an unrenderable spec fails before any call.
+        // Validates and renders once here, so that a bad spec fails before
+        // any call.
         self.render(spec)?;
         let this = self.clone();
         let spec = spec.clone();
@@ -486,10 +538,7 @@ impl Hypervisor for LibvirtHypervisor {
                         .map_err(|e| parse_err(at, "reading the UUID", e))?,
                     None => None,
                 };
-                let xml = xml::render_domain(&spec, &this.render_options(&spec.name, uuid))
-                    .map_err(|what| {
-                        this.invalid(Some(&spec.name), "rendering the domain XML", what)
-                    })?;
+                let xml = this.render_with_uuid(&spec, uuid)?;
                 c.define_domain_xml_flags(&xml, sys::VIR_DOMAIN_DEFINE_VALIDATE)
                     .map_err(|e| LibvirtError::call(at.clone(), "defining", &e))?;
                 Ok(())
@@ -506,13 +555,13 @@ impl Hypervisor for LibvirtHypervisor {
                     xml::parse_domain(&domain_xml(&dom, at, true)?).map_err(|e| parse_err(at, "reading the definition", e))?;
                 // During a freeze libvirt points the persistent definition at
                 // the overlay too: report the frozen image, from the live chain.
-                if spec.disks.iter().any(|d| d.path.to_string_lossy().contains(OVERLAY_MARK)) {
+                if spec.disks.iter().any(|d| is_overlay(&d.path)) {
                     let live = disks_of(&dom, at, false)?;
-                    for d in spec.disks.iter_mut().filter(|d| d.path.to_string_lossy().contains(OVERLAY_MARK)) {
-                        let base = live
+                    for d in spec.disks.iter_mut().filter(|d| is_overlay(&d.path)) {
+                        let (path, format) = live
                             .iter()
                             .find(|l| l.spec.target == d.target)
-                            .and_then(|l| l.backing.clone())
+                            .and_then(XmlDisk::backing_image)
                             .ok_or_else(|| LibvirtError::Backend {
                                 at: at.clone(),
                                 op: "reading the definition".into(),
@@ -522,12 +571,8 @@ impl Hypervisor for LibvirtHypervisor {
                                     d.path.display()
                                 ),
                             })?;
-                        d.path = base.0;
-                        d.format = match base.1.as_deref() {
-                            Some("qcow2") => wspare_core::DiskFormat::Qcow2,
-                            Some("vhdx") => wspare_core::DiskFormat::Vhdx,
-                            _ => wspare_core::DiskFormat::Raw,
-                        };
+                        d.path = path;
+                        d.format = format;
                     }
                 }
                 Ok(spec)
@@ -558,21 +603,7 @@ impl Hypervisor for LibvirtHypervisor {
         let name = vm.to_string();
         Ok(self
             .call(Some(vm), "starting", true, move |c, at| {
-                let dom = lookup(c, at, &name)?;
-                if is_active(&dom, at)? {
-                    return Ok(());
-                }
-                match dom.create() {
-                    Ok(()) => Ok(()),
-                    // Started by someone else meanwhile.
-                    Err(e)
-                        if e.code().to_raw() == sys::VIR_ERR_OPERATION_INVALID
-                            && is_active(&dom, at)? =>
-                    {
-                        Ok(())
-                    }
-                    Err(e) => Err(LibvirtError::call(at.clone(), "starting", &e)),
-                }
+                ensure_active(&lookup(c, at, &name)?, at, true, "starting", Domain::create)
             })
             .await?)
     }
@@ -629,20 +660,13 @@ impl Hypervisor for LibvirtHypervisor {
     async fn destroy(&self, vm: &VmName) -> Result<()> {
         let name = vm.to_string();
         self.call(Some(vm), "destroying", true, move |c, at| {
-            let dom = lookup(c, at, &name)?;
-            if !is_active(&dom, at)? {
-                return Ok(());
-            }
-            match dom.destroy() {
-                Ok(()) => Ok(()),
-                Err(e)
-                    if e.code().to_raw() == sys::VIR_ERR_OPERATION_INVALID
-                        && !is_active(&dom, at)? =>
-                {
-                    Ok(())
-                }
-                Err(e) => Err(LibvirtError::call(at.clone(), "destroying", &e)),
-            }
+            ensure_active(
+                &lookup(c, at, &name)?,
+                at,
+                false,
+                "destroying",
+                Domain::destroy,
+            )
         })
         .await?;
         // virDomainDestroy is synchronous; read the state back anyway, the
@@ -675,32 +699,25 @@ impl Hypervisor for LibvirtHypervisor {
         let frag = xml::render_disk(disk, dt).map_err(|what| self.invalid(Some(vm), OP, what))?;
         let name = vm.to_string();
         let target = disk.target.clone();
-        let this = self.clone();
-        let vm2 = vm.clone();
         Ok(self
             .call(Some(vm), OP, false, move |c, at| {
                 let dom = lookup(c, at, &name)?;
                 if !supported {
-                    return Err(this.unsupported(
-                        Some(&vm2),
+                    return Err(unsupported(
+                        at,
                         OP,
                         "this libvirt driver cannot hot-plug disks",
                     ));
                 }
                 let active = is_active(&dom, at)?;
-                let mut in_use = disks_of(&dom, at, true)?
-                    .into_iter()
-                    .any(|d| d.spec.target == target);
-                if active {
-                    in_use |= disks_of(&dom, at, false)?
-                        .into_iter()
-                        .any(|d| d.spec.target == target);
-                }
-                if in_use {
+                let (config, live) = disk_in_slot(&dom, at, &target, active)?;
+                if config.is_some() || live.is_some() {
                     return Err(LibvirtError::Conflict {
                         at: at.clone(),
                         op: OP.into(),
-                        what: format!("slot {target} is in use"),
+                        what: format!(
+                            "slot {target} is in use: detach its disk first or use another slot"
+                        ),
                     });
                 }
                 let mut flags = sys::VIR_DOMAIN_AFFECT_CONFIG;
@@ -718,31 +735,20 @@ impl Hypervisor for LibvirtHypervisor {
         const OP: &str = "detaching a disk";
         let supported = self.capabilities().attach_disk;
         let name = vm.to_string();
-        let this = self.clone();
-        let vm2 = vm.clone();
         let dt = self.inner.domain_type;
         let tgt = target.to_owned();
         let live_pending = self
             .call(Some(vm), OP, false, move |c, at| {
                 let dom = lookup(c, at, &name)?;
                 if !supported {
-                    return Err(this.unsupported(
-                        Some(&vm2),
+                    return Err(unsupported(
+                        at,
                         OP,
                         "this libvirt driver cannot hot-unplug disks",
                     ));
                 }
                 let active = is_active(&dom, at)?;
-                let config = disks_of(&dom, at, true)?
-                    .into_iter()
-                    .find(|d| d.spec.target == tgt);
-                let live = if active {
-                    disks_of(&dom, at, false)?
-                        .into_iter()
-                        .find(|d| d.spec.target == tgt)
-                } else {
-                    None
-                };
+                let (config, live) = disk_in_slot(&dom, at, &tgt, active)?;
                 if config.is_none() && live.is_none() {
                     return Err(LibvirtError::NotFound {
                         at: at.clone(),
@@ -828,13 +834,9 @@ impl Hypervisor for LibvirtHypervisor {
                     }
                     Ok(disks_of(&dom, at, false)?
                         .into_iter()
-                        .filter(|d| d.spec.path.to_string_lossy().contains(OVERLAY_MARK))
+                        .filter(|d| is_overlay(&d.spec.path))
                         .filter_map(|d| {
-                            let (base, format) = d.backing.clone()?;
-                            let format = match format.as_deref() {
-                                Some("qcow2") => DiskFormat::Qcow2,
-                                _ => DiskFormat::Raw,
-                            };
+                            let (base, format) = d.backing_image()?;
                             Some(FrozenDisk {
                                 target: d.spec.target.clone(),
                                 path: base,
@@ -863,7 +865,7 @@ impl Hypervisor for LibvirtHypervisor {
             .call(Some(vm), OP, false, move |c, at| {
                 let dom = lookup(c, at, &name)?;
                 if !supported {
-                    return Err(this.unsupported(Some(&vm2), OP, "this libvirt driver has no external disk-only snapshots"));
+                    return Err(unsupported(at, OP, NO_FREEZE));
                 }
                 if !is_active(&dom, at)? {
                     return Err(LibvirtError::Conflict {
@@ -873,7 +875,7 @@ impl Hypervisor for LibvirtHypervisor {
                     });
                 }
                 let disks = disks_of(&dom, at, false)?;
-                if let Some(d) = disks.iter().find(|d| d.spec.path.to_string_lossy().contains(OVERLAY_MARK)) {
+                if let Some(d) = disks.iter().find(|d| is_overlay(&d.spec.path)) {
                     return Err(LibvirtError::Conflict {
                         at: at.clone(),
                         op: OP.into(),
@@ -960,13 +962,7 @@ impl Hypervisor for LibvirtHypervisor {
         const OP: &str = "releasing the disks";
         let vm = &frozen.vm;
         if self.capabilities().freeze.is_none() {
-            return Err(self
-                .unsupported(
-                    Some(vm),
-                    OP,
-                    "this libvirt driver has no external disk-only snapshots",
-                )
-                .into());
+            return Err(unsupported(&self.at(Some(vm)), OP, NO_FREEZE).into());
         }
         for disk in frozen.disks.iter().filter(|d| d.overlay.is_some()) {
             self.release_one(vm, disk).await?;

@@ -404,6 +404,21 @@ pub struct XmlDisk {
     pub backing: Option<(PathBuf, Option<String>)>,
 }
 
+impl XmlDisk {
+    /// The image under this disk's active layer (the frozen image under a
+    /// freeze overlay), with its format; `None` if libvirt lists no
+    /// backing file. A format this crate does not know reads as raw.
+    pub fn backing_image(&self) -> Option<(PathBuf, DiskFormat)> {
+        let (path, format) = self.backing.clone()?;
+        let format = match format.as_deref() {
+            Some("qcow2") => DiskFormat::Qcow2,
+            Some("vhdx") => DiskFormat::Vhdx,
+            _ => DiskFormat::Raw,
+        };
+        Some((path, format))
+    }
+}
+
 fn parse_format(disk: roxmltree::Node<'_, '_>, dev: &str) -> Result<DiskFormat, ParseError> {
     match child(disk, "driver").and_then(|d| d.attribute("type")) {
         None | Some("raw") => Ok(DiskFormat::Raw),

@@ -4,41 +4,24 @@
 //! The test driver keeps one shared state per process while a connection
 //! is open, so every environment removes the domains it made when dropped.
 
+mod common;
+
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sha2::{Digest, Sha256};
+use common::{digest, remove_domains, VmFencerEnv};
 use wspare_core::{
-    Boot, DiskBus, DiskFormat, DiskSpec, Error, ErrorKind, Fencer, Firmware, Hypervisor, MacAddr,
-    NicModel, NicSource, NicSpec, NodeId, PowerState, Result, VmName, VmSpec, VmState,
+    Boot, DiskBus, DiskFormat, DiskSpec, Error, ErrorKind, Firmware, Hypervisor, MacAddr, NicModel,
+    NicSource, NicSpec, Result, VmName, VmSpec, VmState,
 };
-use wspare_libvirt::{LibvirtHypervisor, LibvirtVmFencer};
+use wspare_libvirt::LibvirtHypervisor;
 use wspare_testkit::suite::fencer::{FencerEnv, FencerFixture, FencerVariant};
 use wspare_testkit::suite::hypervisor::{GuestTraits, HypervisorEnv, HypervisorFixture};
 
 const URI: &str = "test:///default";
-
-/// Destroys and undefines `names` on `uri`, ignoring what is already gone.
-fn remove_domains(uri: &str, names: &[String]) {
-    let Ok(c) = virt::connect::Connect::open(Some(uri)) else {
-        return;
-    };
-    for n in names {
-        if let Ok(d) = c.lookup_domain_by_name(n) {
-            let _ = d.destroy();
-            let _ = d.undefine();
-        }
-    }
-}
-
-fn digest(path: &Path) -> Result<String> {
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::not_found(format!("{}: {e}", path.display())))?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
-}
 
 // ---------------------------------------------------------------- hypervisor
 
@@ -156,16 +139,6 @@ struct TestDriverFencerFixture;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-struct TestDriverFencerEnv {
-    fencer: Arc<LibvirtVmFencer>,
-    domain: VmName,
-    made: Vec<String>,
-}
-
-fn node(s: &str) -> NodeId {
-    NodeId::new(s).unwrap()
-}
-
 #[async_trait]
 impl FencerFixture for TestDriverFencerFixture {
     fn title(&self) -> String {
@@ -201,54 +174,12 @@ impl FencerFixture for TestDriverFencerFixture {
         };
         hv.define(&spec).await?;
         hv.start(&domain).await?;
-        let fencer = LibvirtVmFencer::new(Duration::from_secs(10)).with_node(
-            node("guest-node-a"),
+        Ok(Some(Box::new(VmFencerEnv::new(
+            URI,
+            Duration::from_secs(10),
             fence_hv,
-            domain.clone(),
-        );
-        Ok(Some(Box::new(TestDriverFencerEnv {
-            fencer: Arc::new(fencer),
-            made: vec![domain.to_string()],
             domain,
-        })))
-    }
-}
-
-#[async_trait]
-impl FencerEnv for TestDriverFencerEnv {
-    fn fencer(&self) -> Arc<dyn Fencer> {
-        self.fencer.clone()
-    }
-    fn node(&self) -> NodeId {
-        node("guest-node-a")
-    }
-    fn unknown_node(&self) -> NodeId {
-        node("guest-node-z")
-    }
-    async fn true_power(&self) -> Result<PowerState> {
-        // Read directly, not through the fencer.
-        let c = virt::connect::Connect::open(Some(URI))
-            .map_err(|e| Error::new(ErrorKind::Unreachable, e.to_string()))?;
-        let d = c
-            .lookup_domain_by_name(self.domain.as_str())
-            .map_err(|e| Error::not_found(e.to_string()))?;
-        let active = d
-            .is_active()
-            .map_err(|e| Error::new(ErrorKind::Backend, e.to_string()))?;
-        Ok(if active {
-            PowerState::On
-        } else {
-            PowerState::Off
-        })
-    }
-    fn secret(&self) -> Option<String> {
-        None
-    }
-}
-
-impl Drop for TestDriverFencerEnv {
-    fn drop(&mut self) {
-        remove_domains(URI, &self.made);
+        ))))
     }
 }
 

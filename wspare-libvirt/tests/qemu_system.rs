@@ -11,18 +11,20 @@
 //! are named `wspare-lv-<test>-<pid>` (the suite's `wspare-ct-*`) and are
 //! destroyed and undefined when a test ends, pass or fail.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use sha2::{Digest, Sha256};
+use common::{digest, remove_domains, VmFencerEnv};
 use wspare_core::{
-    Consistency, DiskBus, DiskFormat, DiskSpec, Error, ErrorKind, Fencer, Hypervisor, NodeId,
-    PowerState, Result, VmName, VmSpec, VmState,
+    Consistency, DiskBus, DiskFormat, DiskSpec, Error, ErrorKind, Hypervisor, Result, VmName,
+    VmSpec, VmState,
 };
-use wspare_libvirt::{DomainType, LibvirtConfig, LibvirtHypervisor, LibvirtVmFencer, OVERLAY_MARK};
+use wspare_libvirt::{DomainType, LibvirtConfig, LibvirtHypervisor, OVERLAY_MARK};
 use wspare_testkit::guest::{self, GuestMode};
 use wspare_testkit::suite::fencer::{FencerEnv, FencerFixture, FencerVariant};
 use wspare_testkit::suite::hypervisor::{GuestTraits, HypervisorEnv, HypervisorFixture};
@@ -56,25 +58,6 @@ fn config(console_dir: &Path) -> LibvirtConfig {
     cfg
 }
 
-/// Destroys and undefines `names`, ignoring what is already gone.
-fn remove_domains(names: &[String]) {
-    let Ok(c) = virt::connect::Connect::open(Some(URI)) else {
-        return;
-    };
-    for n in names {
-        if let Ok(d) = c.lookup_domain_by_name(n) {
-            let _ = d.destroy();
-            let _ = d.undefine_flags(virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA);
-        }
-    }
-}
-
-fn digest(path: &Path) -> Result<String> {
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::not_found(format!("{}: {e}", path.display())))?;
-    Ok(hex::encode(Sha256::digest(&bytes)))
-}
-
 /// One test's domains, images and console logs, removed on drop.
 struct Lab {
     hv: LibvirtHypervisor,
@@ -100,7 +83,7 @@ impl Lab {
     /// A unique domain name, with any leftover of that name removed.
     fn name(&self, test: &str) -> VmName {
         let n = format!("wspare-lv-{test}-{}", std::process::id());
-        remove_domains(std::slice::from_ref(&n));
+        remove_domains(URI, std::slice::from_ref(&n));
         self.made.lock().unwrap().push(n.clone());
         VmName::new(n).unwrap()
     }
@@ -140,7 +123,7 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        remove_domains(&self.made.lock().unwrap());
+        remove_domains(URI, &self.made.lock().unwrap());
     }
 }
 
@@ -642,7 +625,7 @@ impl HypervisorFixture for QemuFixture {
             .filter_map(|d| d.name().ok())
             .filter(|n| n.starts_with("wspare-ct-h"))
             .collect();
-        remove_domains(&stale);
+        remove_domains(URI, &stale);
         let dir = tempfile::Builder::new()
             .prefix("wspare-libvirt-ct-")
             .tempdir()
@@ -694,7 +677,7 @@ impl HypervisorEnv for QemuEnv {
 
 impl Drop for QemuEnv {
     fn drop(&mut self) {
-        remove_domains(&self.made.lock().unwrap());
+        remove_domains(URI, &self.made.lock().unwrap());
     }
 }
 
@@ -718,15 +701,6 @@ async fn hypervisor_conformance_qemu_system() {
 
 struct QemuFencerFixture {
     dir: tempfile::TempDir,
-}
-
-struct QemuFencerEnv {
-    fencer: Arc<LibvirtVmFencer>,
-    domain: VmName,
-}
-
-fn node(s: &str) -> NodeId {
-    NodeId::new(s).unwrap()
 }
 
 /// A key that sshd does not accept, for the refused-credentials case.
@@ -756,7 +730,7 @@ impl FencerFixture for QemuFencerFixture {
     async fn build(&self, variant: FencerVariant) -> Result<Option<Box<dyn FencerEnv>>> {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let domain = VmName::new(format!("wspare-lv-fence-{}-{n}", std::process::id()))?;
-        remove_domains(&[domain.to_string()]);
+        remove_domains(URI, &[domain.to_string()]);
         let hv = LibvirtHypervisor::new(config(self.dir.path()))?;
         let fence_hv = match variant {
             FencerVariant::Normal => hv.clone(),
@@ -781,58 +755,12 @@ impl FencerFixture for QemuFencerFixture {
         )?)
         .await?;
         hv.start(&domain).await?;
-        let fencer = LibvirtVmFencer::new(Duration::from_secs(20)).with_node(
-            node("guest-node-a"),
+        Ok(Some(Box::new(VmFencerEnv::new(
+            URI,
+            Duration::from_secs(20),
             fence_hv,
-            domain.clone(),
-        );
-        Ok(Some(Box::new(QemuFencerEnv {
-            fencer: Arc::new(fencer),
             domain,
-        })))
-    }
-}
-
-#[async_trait]
-impl FencerEnv for QemuFencerEnv {
-    fn fencer(&self) -> Arc<dyn Fencer> {
-        self.fencer.clone()
-    }
-    fn node(&self) -> NodeId {
-        node("guest-node-a")
-    }
-    fn unknown_node(&self) -> NodeId {
-        node("guest-node-z")
-    }
-    async fn true_power(&self) -> Result<PowerState> {
-        let name = self.domain.to_string();
-        tokio::task::spawn_blocking(move || {
-            let c = virt::connect::Connect::open(Some(URI))
-                .map_err(|e| Error::new(ErrorKind::Unreachable, e.to_string()))?;
-            let d = c
-                .lookup_domain_by_name(&name)
-                .map_err(|e| Error::not_found(e.to_string()))?;
-            let active = d
-                .is_active()
-                .map_err(|e| Error::new(ErrorKind::Backend, e.to_string()))?;
-            Ok(if active {
-                PowerState::On
-            } else {
-                PowerState::Off
-            })
-        })
-        .await
-        .map_err(|e| Error::new(ErrorKind::Backend, e.to_string()))?
-    }
-    fn secret(&self) -> Option<String> {
-        // libvirt takes credentials from SSH keys, never through the fencer.
-        None
-    }
-}
-
-impl Drop for QemuFencerEnv {
-    fn drop(&mut self) {
-        remove_domains(&[self.domain.to_string()]);
+        ))))
     }
 }
 

@@ -235,6 +235,25 @@ pub fn classify(code: Option<i32>, stderr: &str) -> Symptom {
     Symptom::Other
 }
 
+/// A command that passed its deadline, or an rsync that gave up on its
+/// own `--timeout` (`io_timeout`) when no data moved.
+pub(crate) fn timeout(
+    what: String,
+    e: &CommandError,
+    io_timeout: Duration,
+    detail: String,
+) -> RsyncError {
+    let after = match e {
+        CommandError::Timeout { after, .. } => *after,
+        _ => io_timeout,
+    };
+    RsyncError::Timeout {
+        what,
+        after,
+        detail,
+    }
+}
+
 /// The exit code and stderr of a command error, for [`classify`].
 pub(crate) fn symptom_of(e: &CommandError) -> Symptom {
     match e {

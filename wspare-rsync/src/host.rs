@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use wspare_core::runner::{Command, CommandError};
 
 use crate::config::{Endpoint, Options};
-use crate::error::{symptom_of, RsyncError, Symptom};
+use crate::error::{symptom_of, timeout, RsyncError, Symptom};
 use crate::manifest::{Manifest, MANIFEST};
 use crate::parse;
 
@@ -68,21 +68,12 @@ impl<'a> Host<'a> {
                 dir: self.ep.replica_dir.clone(),
                 detail: detail(),
             },
-            Symptom::IoTimeout => {
-                if let CommandError::Timeout { after, .. } = &e {
-                    RsyncError::Timeout {
-                        what: context,
-                        after: *after,
-                        detail: e.to_string(),
-                    }
-                } else {
-                    RsyncError::Timeout {
-                        what: context,
-                        after: self.opts.io_timeout,
-                        detail: e.to_string(),
-                    }
-                }
-            }
+            Symptom::IoTimeout => timeout(
+                format!("{context} on {node}"),
+                &e,
+                self.opts.io_timeout,
+                e.to_string(),
+            ),
             _ => RsyncError::Command {
                 context: format!("{context} on {node}"),
                 source: e,

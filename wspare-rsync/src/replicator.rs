@@ -6,8 +6,8 @@ use std::sync::Mutex as StdMutex;
 use async_trait::async_trait;
 use tokio::sync::{watch, Mutex};
 use wspare_core::{
-    Consistency, DiskBus, DiskFormat, DiskSpec, Generation, GenerationInfo, Progress, Promoted,
-    ReplicaStatus, Replicator, ReplicatorCaps, Result, SourceView, UnixMillis,
+    Consistency, DiskBus, DiskSpec, Generation, GenerationInfo, Progress, Promoted, ReplicaStatus,
+    Replicator, ReplicatorCaps, Result, SourceView, UnixMillis,
 };
 
 use crate::config::{check_name, check_path, Endpoint, Options, Reach};
@@ -28,20 +28,12 @@ pub const CAPS: ReplicatorCaps = ReplicatorCaps {
     test_copies: true,
 };
 
-/// One disk of the source view.
-#[derive(Clone, Debug)]
-struct SourceDisk {
-    target: String,
-    path: PathBuf,
-    format: DiskFormat,
-    bus: DiskBus,
-    read_only: bool,
-}
-
 /// The source view, checked.
 #[derive(Clone, Debug)]
 struct Source {
-    disks: Vec<SourceDisk>,
+    /// The disks to copy; a frozen disk's bus and mode are not known, so
+    /// they read as virtio and read-write.
+    disks: Vec<DiskSpec>,
     at: UnixMillis,
     consistency: Consistency,
 }
@@ -57,16 +49,7 @@ impl Source {
                 ))
             }
             SourceView::Stopped { disks, at } => (
-                disks
-                    .iter()
-                    .map(|d| SourceDisk {
-                        target: d.target.clone(),
-                        path: d.path.clone(),
-                        format: d.format,
-                        bus: d.bus,
-                        read_only: d.read_only,
-                    })
-                    .collect::<Vec<_>>(),
+                disks.clone(),
                 *at,
                 // A stopped VM's files are at least crash consistent; clean
                 // if it was shut down cleanly, which the view does not say.
@@ -75,7 +58,7 @@ impl Source {
             SourceView::Frozen(f) => (
                 f.disks
                     .iter()
-                    .map(|d| SourceDisk {
+                    .map(|d| DiskSpec {
                         target: d.target.clone(),
                         path: d.path.clone(),
                         format: d.format,
@@ -254,17 +237,24 @@ impl RsyncReplicator {
             .get_or_insert_with(|| seen.iter().flatten().map(|m| m.epoch).max().unwrap_or(0))
     }
 
-    /// Checks the target's manifest against this replicator's direction.
-    fn check_target(
+    /// Checks `ep`'s manifest against this replicator, whose direction
+    /// gives `ep` the role `role` at `epoch`: the directory is this pair's,
+    /// its epoch is not newer, and at this epoch it does not hold the
+    /// opposite role (a target that runs the VM, a source holding replicas).
+    fn check_manifest(
         &self,
         m: &Manifest,
         epoch: u64,
-        node: &wspare_core::NodeId,
+        ep: &Endpoint,
+        role: Role,
     ) -> Result<(), RsyncError> {
+        let node = &ep.node;
         if m.pair != self.name {
             return Err(RsyncError::Conflict(format!(
-                "the replica directory on {node} belongs to pair {:?}, not {:?}",
-                m.pair, self.name
+                "replica directory {} on {node} belongs to pair {:?}, not {:?}: each pair needs a replica directory of its own",
+                ep.replica_dir.display(),
+                m.pair,
+                self.name
             )));
         }
         if m.epoch > epoch {
@@ -274,61 +264,50 @@ impl RsyncReplicator {
                 m.epoch
             )));
         }
-        if m.role == Role::Source && m.epoch == epoch {
-            return Err(RsyncError::Conflict(format!(
+        if m.epoch < epoch {
+            return Ok(());
+        }
+        match (role, m.role) {
+            (Role::Target, Role::Source) => Err(RsyncError::Conflict(format!(
                 "{node} holds the active copy at epoch {epoch} (its VM runs from a promoted slot): nothing is synced into it \
                  until the direction is reversed"
-            )));
+            ))),
+            (Role::Source, Role::Target) if !m.generations.is_empty() => Err(RsyncError::Conflict(format!(
+                "{node} is configured as the source but is a replica target at epoch {epoch}: the configured direction is wrong; \
+                 rebuild the replicator with source and target swapped"
+            ))),
+            _ => Ok(()),
         }
-        Ok(())
     }
 
-    /// Checks the source's manifest, if it has one.
-    fn check_source(
+    /// `tgt`'s manifest as this replicator's target at `epoch`: checked, or
+    /// a new one if it has none; what an older epoch held is dropped.
+    fn as_target(
         &self,
-        m: &Manifest,
+        m: Option<Manifest>,
         epoch: u64,
-        node: &wspare_core::NodeId,
-    ) -> Result<(), RsyncError> {
-        if m.pair != self.name {
-            return Err(RsyncError::Conflict(format!(
-                "the replica directory on {node} belongs to pair {:?}, not {:?}",
-                m.pair, self.name
-            )));
-        }
-        if m.epoch > epoch {
-            return Err(RsyncError::Conflict(format!(
-                "{node} is at direction epoch {} but this replicator at {epoch}: it is stale; rebuild it with the current direction",
-                m.epoch
-            )));
-        }
-        if m.role == Role::Target && m.epoch == epoch && !m.generations.is_empty() {
-            return Err(RsyncError::Conflict(format!(
-                "{node} is configured as the source but is a replica target at epoch {epoch}: the configured direction is wrong"
-            )));
-        }
-        Ok(())
+        tgt: &Endpoint,
+    ) -> Result<Manifest, RsyncError> {
+        let mut m = match m {
+            Some(m) => {
+                self.check_manifest(&m, epoch, tgt, Role::Target)?;
+                m
+            }
+            None => Manifest::new(&self.name, epoch, Role::Target),
+        };
+        m.become_target(epoch);
+        Ok(m)
     }
 
     /// The target's manifest as it stands for this replicator: its complete
     /// generations, or an empty one (none yet, or stale from an older epoch).
-    async fn target_view(&self) -> Result<(Manifest, u64), RsyncError> {
+    async fn target_view(&self) -> Result<Manifest, RsyncError> {
         let (src, tgt) = self.ends();
         let t = self.host(tgt).read_manifest().await?;
         // The source may be down (a failover): it only adds what it knows.
         let s = self.host(src).read_manifest().await.ok().flatten();
         let epoch = self.epoch(&[t.as_ref(), s.as_ref()]);
-        let mut m = match t {
-            Some(m) => {
-                self.check_target(&m, epoch, &tgt.node)?;
-                m
-            }
-            None => Manifest::new(&self.name, epoch, Role::Target),
-        };
-        if m.epoch < epoch {
-            m.become_target(epoch);
-        }
-        Ok((m, epoch))
+        self.as_target(t, epoch, tgt)
     }
 
     /// The current target's manifest, if it has one (for tests and tools).
@@ -411,16 +390,9 @@ impl RsyncReplicator {
         let s_m = s_host.read_manifest().await?;
         let epoch = self.epoch(&[t_m.as_ref(), s_m.as_ref()]);
         if let Some(m) = &s_m {
-            self.check_source(m, epoch, &src.node)?;
+            self.check_manifest(m, epoch, src, Role::Source)?;
         }
-        let mut m = match t_m {
-            Some(m) => {
-                self.check_target(&m, epoch, &tgt.node)?;
-                m
-            }
-            None => Manifest::new(&self.name, epoch, Role::Target),
-        };
-        m.become_target(epoch);
+        let mut m = self.as_target(t_m, epoch, tgt)?;
         let g = {
             let s = self.state();
             let hw = [
@@ -434,37 +406,29 @@ impl RsyncReplicator {
         let seeds = m.generations.clone();
         m.begin(slot, g);
         let dir = &tgt.replica_dir;
-        // A slot used for the first time starts as a local copy of the
-        // newest generation, so that rsync sends a delta.
-        let seed_pairs: Vec<(PathBuf, PathBuf)> = source
+        let files: Vec<String> = source
             .disks
             .iter()
-            .filter_map(|d| {
-                let file = disk_file(&d.target, d.format);
-                seeds.iter().rev().find_map(|sg| {
-                    sg.disks
-                        .iter()
-                        .find(|x| x.file == file)
-                        .map(|_| (slot_file(dir, sg.slot, &file), slot_file(dir, slot, &file)))
-                })
-            })
+            .map(|d| disk_file(&d.target, d.format))
+            .collect();
+        // `file` in generation `sg`'s slot and in the slot being written, if
+        // `sg` has that file.
+        let from = |sg: &SlotGeneration, file: &String| {
+            sg.disks
+                .iter()
+                .any(|x| x.file == *file)
+                .then(|| (slot_file(dir, sg.slot, file), slot_file(dir, slot, file)))
+        };
+        // A slot used for the first time starts as a local copy of the
+        // newest generation, so that rsync sends a delta.
+        let seed_pairs: Vec<(PathBuf, PathBuf)> = files
+            .iter()
+            .filter_map(|f| seeds.iter().rev().find_map(|sg| from(sg, f)))
             .collect();
         // Where the filesystem clones, the slot starts as the newest
         // generation: one generation to catch up instead of two.
         let clones: Vec<(PathBuf, PathBuf)> = match (self.opts.reflink, seeds.last()) {
-            (true, Some(newest)) => source
-                .disks
-                .iter()
-                .filter_map(|d| {
-                    let file = disk_file(&d.target, d.format);
-                    newest.disks.iter().find(|x| x.file == file).map(|_| {
-                        (
-                            slot_file(dir, newest.slot, &file),
-                            slot_file(dir, slot, &file),
-                        )
-                    })
-                })
-                .collect(),
+            (true, Some(newest)) => files.iter().filter_map(|f| from(newest, f)).collect(),
             _ => Vec::new(),
         };
         t_host
@@ -480,8 +444,7 @@ impl RsyncReplicator {
             ..CycleStats::default()
         };
         let mut done_before = 0u64;
-        for (d, size) in source.disks.iter().zip(&sizes) {
-            let file = disk_file(&d.target, d.format);
+        for ((d, size), file) in source.disks.iter().zip(&sizes).zip(files) {
             let dst = slot_file(dir, slot, &file);
             let hints = transfer::TransferHints {
                 size: *size,
@@ -541,7 +504,7 @@ impl RsyncReplicator {
     /// One disk's rsync, on the source host, with progress.
     async fn transfer(
         &self,
-        d: &SourceDisk,
+        d: &DiskSpec,
         dst: &std::path::Path,
         done_before: u64,
         total: u64,
@@ -568,6 +531,7 @@ impl RsyncReplicator {
                     dst_dir: &tgt.replica_dir,
                     remote: matches!(tgt.reach, Reach::Ssh(_)),
                     runner_remote: src.runner.describe() != "local",
+                    io_timeout: self.opts.io_timeout,
                 };
                 Err(transfer::failure(&parties, e))
             }
@@ -610,7 +574,7 @@ impl Replicator for RsyncReplicator {
     }
 
     async fn status(&self) -> Result<ReplicaStatus> {
-        let (m, _) = self.target_view().await?;
+        let m = self.target_view().await?;
         let (src, tgt) = self.ends();
         Ok(ReplicaStatus {
             source: src.node.clone(),
@@ -624,7 +588,7 @@ impl Replicator for RsyncReplicator {
 
     async fn promote(&self, g: Generation) -> Result<Promoted> {
         let _op = self.op.lock().await;
-        let (mut m, _) = self.target_view().await?;
+        let mut m = self.target_view().await?;
         let (_, tgt) = self.ends();
         let t_host = self.host(tgt);
         let sg = m.get(g).cloned().ok_or_else(|| self.not_held(&m, g))?;
@@ -663,16 +627,7 @@ impl Replicator for RsyncReplicator {
         let t_m = t_host.read_manifest().await?;
         let s_m = s_host.read_manifest().await;
         let epoch = self.epoch(&[t_m.as_ref(), s_m.as_ref().ok().and_then(Option::as_ref)]);
-        let mut t_m = match t_m {
-            Some(m) => {
-                self.check_target(&m, epoch, &tgt.node)?;
-                m
-            }
-            None => Manifest::new(&self.name, epoch, Role::Target),
-        };
-        if t_m.epoch < epoch {
-            t_m.become_target(epoch);
-        }
+        let mut t_m = self.as_target(t_m, epoch, tgt)?;
         let new_epoch = epoch + 1;
         // The old target becomes the source: its slots are the active copy
         // now (the promoted one runs the VM); a dead cycle's slot is junk.
@@ -704,7 +659,7 @@ impl Replicator for RsyncReplicator {
 
     async fn verify(&self, g: Generation, source: &SourceView) -> Result<()> {
         let _op = self.op.lock().await;
-        let (m, _) = self.target_view().await?;
+        let m = self.target_view().await?;
         let (src, tgt) = self.ends();
         let sg = m.get(g).cloned().ok_or_else(|| self.not_held(&m, g))?;
         let t_host = self.host(tgt);
@@ -767,7 +722,7 @@ impl Replicator for RsyncReplicator {
     async fn test_copy(&self, g: Generation, label: &str) -> Result<Vec<DiskSpec>> {
         check_name("test copy label", label)?;
         let _op = self.op.lock().await;
-        let (m, _) = self.target_view().await?;
+        let m = self.target_view().await?;
         let (_, tgt) = self.ends();
         let sg = m.get(g).cloned().ok_or_else(|| self.not_held(&m, g))?;
         let t_host = self.host(tgt);
@@ -804,7 +759,7 @@ mod tests {
     use std::sync::Arc;
 
     use wspare_core::runner::{Reply, ScriptedRunner};
-    use wspare_core::{ErrorKind, NodeId};
+    use wspare_core::{DiskFormat, ErrorKind, NodeId};
 
     use super::*;
     use crate::host::WRITE_MANIFEST_SH;

@@ -7,7 +7,7 @@ use wspare_core::runner::{Command, CommandError};
 #[cfg(test)]
 use crate::config::BlockSize;
 use crate::config::{Options, Reach};
-use crate::error::{symptom_of, RsyncError, Symptom};
+use crate::error::{symptom_of, timeout, RsyncError, Symptom};
 use crate::parse;
 
 /// The options every cycle's rsync gets, and why:
@@ -127,6 +127,8 @@ pub(crate) struct Parties<'a> {
     pub(crate) remote: bool,
     /// The rsync runs on a host reached by ssh.
     pub(crate) runner_remote: bool,
+    /// rsync's `--timeout`.
+    pub(crate) io_timeout: std::time::Duration,
 }
 
 /// What a failed transfer means.
@@ -157,14 +159,12 @@ pub(crate) fn failure(p: &Parties<'_>, e: CommandError) -> RsyncError {
         Symptom::PeerDied if p.remote => RsyncError::Unreachable { node: far.clone(), detail: detail() },
         Symptom::PermissionDenied => RsyncError::PermissionDenied { node: far.clone(), detail: detail() },
         Symptom::Killed | Symptom::PeerDied => RsyncError::Killed { disk: p.disk.to_string(), detail: detail() },
-        Symptom::IoTimeout => RsyncError::Timeout {
-            what: format!("rsync of disk {}", p.disk),
-            after: match &e {
-                CommandError::Timeout { after, .. } => *after,
-                _ => std::time::Duration::ZERO,
-            },
-            detail: detail(),
-        },
+        Symptom::IoTimeout => timeout(
+            format!("rsync of disk {} from {} to {}", p.disk, p.src_node, p.dst_node),
+            &e,
+            p.io_timeout,
+            detail(),
+        ),
         Symptom::NoSuchFile if e.stderr_tail().contains("[sender]") => RsyncError::SourceMissing {
             node: p.src_node.clone(),
             path: p.src_path.to_path_buf(),

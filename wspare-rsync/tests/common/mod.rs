@@ -274,10 +274,7 @@ impl Env {
     }
 
     pub async fn view(&self) -> Result<SourceView> {
-        Ok(SourceView::Stopped {
-            disks: self.source_disks().await?,
-            at: UnixMillis::from_system_time(std::time::SystemTime::now()),
-        })
+        Ok(self.view_of(&self.source_disks().await?))
     }
 }
 
