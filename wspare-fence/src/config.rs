@@ -54,7 +54,7 @@ use crate::confirm::Timing;
 use crate::error::FenceError;
 use crate::ipmi::{IpmiDevice, IpmiFencer, IpmiPassword, Privilege};
 use crate::redfish::{RedfishAuth, RedfishDevice, RedfishFencer, SystemRef};
-use crate::topology::{Level, Topology};
+use crate::topology::{check_levels, Level, Topology};
 
 /// The whole fencing config.
 #[derive(Clone, Debug, Deserialize)]
@@ -257,6 +257,32 @@ fn read_secret(field: String, path: &std::path::Path) -> Result<Secret, FenceErr
     Secret::from_file(path).map_err(|e| FenceError::config(field, e.message().to_string()))
 }
 
+/// A use of a device: the node, its reference in a level, and that
+/// reference's field path (`nodes.node-a.levels[1][0]`).
+type Use<'a> = (NodeId, &'a DeviceRef, String);
+
+/// Per node, what `value` reads from its uses of one device (its plug, its
+/// system); a node that uses the device twice must say the same both times,
+/// else the error names the `key` of the second use.
+fn per_node<T: PartialEq>(
+    uses: &[Use<'_>],
+    key: &str,
+    value: impl Fn(&DeviceRef) -> T,
+) -> Result<BTreeMap<NodeId, T>, FenceError> {
+    let mut seen = BTreeMap::new();
+    for (node, r, field) in uses {
+        let v = value(r);
+        if seen.get(node).is_some_and(|old| old != &v) {
+            return Err(FenceError::config(
+                format!("{field}.{key}"),
+                "differs from this node's other use of the device",
+            ));
+        }
+        seen.insert(node.clone(), v);
+    }
+    Ok(seen)
+}
+
 impl FenceConfig {
     /// Parses TOML. The error names the line, the column and the key.
     pub fn from_toml(text: &str) -> Result<FenceConfig, FenceError> {
@@ -266,26 +292,15 @@ impl FenceConfig {
 
     /// Builds the topology; ipmitool and fence agents run through `runner`.
     pub fn build(&self, runner: Arc<dyn CommandRunner>) -> Result<Topology, FenceError> {
-        // Who uses which device: (node, plug, system, field) per device name.
-        let mut uses: BTreeMap<&str, Vec<(NodeId, &DeviceRef, String)>> = BTreeMap::new();
+        // Who uses which device, per device name.
+        let mut uses: BTreeMap<&str, Vec<Use<'_>>> = BTreeMap::new();
         let mut node_ids = BTreeMap::new();
         for (name, node) in &self.nodes {
             let id = NodeId::new(name.as_str()).map_err(|e| {
                 FenceError::config(format!("nodes.{name}"), e.message().to_string())
             })?;
-            if node.levels.is_empty() {
-                return Err(FenceError::config(
-                    format!("nodes.{name}.levels"),
-                    "a node needs at least one level",
-                ));
-            }
+            check_levels(name, &node.levels)?;
             for (i, level) in node.levels.iter().enumerate() {
-                if level.is_empty() {
-                    return Err(FenceError::config(
-                        format!("nodes.{name}.levels[{i}]"),
-                        "a level needs at least one device",
-                    ));
-                }
                 for (j, r) in level.iter().enumerate() {
                     let field = format!("nodes.{name}.levels[{i}][{j}]");
                     if !self.devices.contains_key(&r.device) {
@@ -369,28 +384,20 @@ impl FenceConfig {
                     d.ca_cert = c.ca_cert.clone();
                     d.timing = timing_of((c.command_timeout, c.confirm_timeout, c.poll_interval))
                         .apply(d.timing, &field)?;
+                    if let Some((_, _, rf)) = users.iter().find(|u| u.1.plug.is_some()) {
+                        return Err(FenceError::config(
+                            format!("{rf}.plug"),
+                            "a Redfish device takes a system, not a plug",
+                        ));
+                    }
+                    let systems = per_node(&users, "system", |r| match &r.system {
+                        None => SystemRef::Only,
+                        Some(p) if p.starts_with('/') => SystemRef::Path(p.clone()),
+                        Some(n) => SystemRef::Named(n.clone()),
+                    })?;
                     let mut f = RedfishFencer::new(name.clone(), d)?;
-                    let mut seen: BTreeMap<NodeId, SystemRef> = BTreeMap::new();
-                    for (node, r, rf) in &users {
-                        if r.plug.is_some() {
-                            return Err(FenceError::config(
-                                format!("{rf}.plug"),
-                                "a Redfish device takes a system, not a plug",
-                            ));
-                        }
-                        let s = match &r.system {
-                            None => SystemRef::Only,
-                            Some(p) if p.starts_with('/') => SystemRef::Path(p.clone()),
-                            Some(n) => SystemRef::Named(n.clone()),
-                        };
-                        if seen.get(node).is_some_and(|old| old != &s) {
-                            return Err(FenceError::config(
-                                format!("{rf}.system"),
-                                "differs from this node's other use of the device",
-                            ));
-                        }
-                        seen.insert(node.clone(), s.clone());
-                        f = f.node(node.clone(), s)?;
+                    for (node, system) in systems {
+                        f = f.node(node, system)?;
                     }
                     Arc::new(f)
                 }
@@ -404,23 +411,16 @@ impl FenceConfig {
                     };
                     d.timing = timing_of((c.command_timeout, c.confirm_timeout, c.poll_interval))
                         .apply(d.timing, &field)?;
+                    if let Some((_, _, rf)) = users.iter().find(|u| u.1.system.is_some()) {
+                        return Err(FenceError::config(
+                            format!("{rf}.system"),
+                            "a fence agent takes a plug, not a system",
+                        ));
+                    }
+                    let plugs = per_node(&users, "plug", |r| r.plug.clone())?;
                     let mut f = FenceAgentFencer::new(name.clone(), d, runner.clone())?;
-                    let mut seen: BTreeMap<NodeId, Option<String>> = BTreeMap::new();
-                    for (node, r, rf) in &users {
-                        if r.system.is_some() {
-                            return Err(FenceError::config(
-                                format!("{rf}.system"),
-                                "a fence agent takes a plug, not a system",
-                            ));
-                        }
-                        if seen.get(node).is_some_and(|old| old != &r.plug) {
-                            return Err(FenceError::config(
-                                format!("{rf}.plug"),
-                                "differs from this node's other use of the device",
-                            ));
-                        }
-                        seen.insert(node.clone(), r.plug.clone());
-                        f = f.node(node.clone(), r.plug.clone())?;
+                    for (node, plug) in plugs {
+                        f = f.node(node, plug)?;
                     }
                     Arc::new(f)
                 }

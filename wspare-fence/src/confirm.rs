@@ -54,28 +54,69 @@ fn is_final(e: &FenceError) -> bool {
     )
 }
 
-/// After `op` ended with `op_result`, reads the power with `status` until it
-/// is `wanted` or `timing.confirm_timeout` passes. Returns the time of the
-/// matching reading.
+/// After a power-off request ended with `request`, reads the power with
+/// `status` until it reads off or `timing.confirm_timeout` passes; the
+/// receipt is built from that reading, by `device`.
 ///
-/// If `op_result` is an error that proves nothing was done (refused
+/// If `request` is an error that proves nothing was done (refused
 /// credentials, no answer, unreachable), it is returned at once without a
 /// reading. Otherwise (accepted, or an answer lost, or a refusal that may
 /// hide a completed action) the power is read back: only the reading counts.
-pub(crate) async fn read_back<F, Fut>(
+pub(crate) async fn confirm_off<F, Fut>(
+    device: &str,
+    node: &NodeId,
+    timing: &Timing,
+    request: Result<(), FenceError>,
+    status: F,
+) -> Result<FenceReceipt, FenceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<PowerState, FenceError>>,
+{
+    let at = read_back(device, node, Op::PowerOff, timing, request, status).await?;
+    Ok(
+        FenceReceipt::from_power_reading(node.clone(), device, PowerState::Off, at)
+            .expect("a reading of off always makes a receipt"),
+    )
+}
+
+/// [`confirm_off`] for a power-on: reads back until on, no receipt.
+pub(crate) async fn confirm_on<F, Fut>(
+    device: &str,
+    node: &NodeId,
+    timing: &Timing,
+    request: Result<(), FenceError>,
+    status: F,
+) -> Result<(), FenceError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<PowerState, FenceError>>,
+{
+    read_back(device, node, Op::PowerOn, timing, request, status)
+        .await
+        .map(|_| ())
+}
+
+/// The read-back of [`confirm_off`] and [`confirm_on`]: returns the time of
+/// the reading that matched `op`'s wanted state.
+async fn read_back<F, Fut>(
     device: &str,
     node: &NodeId,
     op: Op,
-    wanted: PowerState,
     timing: &Timing,
-    op_result: Result<(), FenceError>,
+    request: Result<(), FenceError>,
     mut status: F,
 ) -> Result<UnixMillis, FenceError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<PowerState, FenceError>>,
 {
-    let op_result = match op_result {
+    let wanted = if op == Op::PowerOff {
+        PowerState::Off
+    } else {
+        PowerState::On
+    };
+    let op_result = match request {
         Ok(()) => "was accepted".to_string(),
         Err(e) if !e.may_have_acted() => return Err(e),
         Err(e) => {
@@ -121,13 +162,6 @@ where
     })
 }
 
-/// A receipt for `node` from an off reading taken at `at` by `device`.
-pub(crate) fn receipt(node: &NodeId, device: &str, at: UnixMillis) -> FenceReceipt {
-    // `read_back` returned only because the reading was `Off`.
-    FenceReceipt::from_power_reading(node.clone(), device, PowerState::Off, at)
-        .unwrap_or_else(|| unreachable!("a reading of off always makes a receipt"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,21 +194,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn returns_on_the_first_off_reading() {
         let n = AtomicU32::new(0);
-        let r = read_back(
-            "d",
-            &node(),
-            Op::PowerOff,
-            PowerState::Off,
-            &timing(),
-            Ok(()),
-            || async {
-                Ok(if n.fetch_add(1, Ordering::SeqCst) < 2 {
-                    PowerState::On
-                } else {
-                    PowerState::Off
-                })
-            },
-        )
+        let r = confirm_off("d", &node(), &timing(), Ok(()), || async {
+            Ok(if n.fetch_add(1, Ordering::SeqCst) < 2 {
+                PowerState::On
+            } else {
+                PowerState::Off
+            })
+        })
         .await;
         assert!(r.is_ok());
         assert_eq!(n.load(Ordering::SeqCst), 3);
@@ -184,18 +210,10 @@ mod tests {
     async fn stuck_on_times_out_without_receipt() {
         let t0 = tokio::time::Instant::now();
         let n = AtomicU32::new(0);
-        let e = read_back(
-            "d",
-            &node(),
-            Op::PowerOff,
-            PowerState::Off,
-            &timing(),
-            Ok(()),
-            || async {
-                n.fetch_add(1, Ordering::SeqCst);
-                Ok(PowerState::On)
-            },
-        )
+        let e = confirm_off("d", &node(), &timing(), Ok(()), || async {
+            n.fetch_add(1, Ordering::SeqCst);
+            Ok(PowerState::On)
+        })
         .await
         .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Timeout);
@@ -218,15 +236,9 @@ mod tests {
             FenceError::Unreachable(x()),
         ] {
             let kind = e.kind();
-            let r = read_back(
-                "d",
-                &node(),
-                Op::PowerOff,
-                PowerState::Off,
-                &timing(),
-                Err(e),
-                || async { panic!("must not read") },
-            )
+            let r = confirm_off("d", &node(), &timing(), Err(e), || async {
+                panic!("must not read")
+            })
             .await;
             assert_eq!(r.unwrap_err().kind(), kind);
         }
@@ -234,22 +246,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lost_answer_is_followed_by_reading_back() {
-        let r = read_back(
+        let r = confirm_off(
             "d",
             &node(),
-            Op::PowerOff,
-            PowerState::Off,
             &timing(),
             Err(FenceError::AnswerLost(x())),
             || async { Ok(PowerState::Off) },
         )
         .await;
         assert!(r.is_ok());
-        let e = read_back(
+        let e = confirm_off(
             "d",
             &node(),
-            Op::PowerOff,
-            PowerState::Off,
             &timing(),
             Err(FenceError::Refused(x())),
             || async { Ok(PowerState::Unknown) },
@@ -266,18 +274,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn refused_credentials_while_reading_stop_at_once() {
         let n = AtomicU32::new(0);
-        let e = read_back(
-            "d",
-            &node(),
-            Op::PowerOff,
-            PowerState::Off,
-            &timing(),
-            Ok(()),
-            || async {
-                n.fetch_add(1, Ordering::SeqCst);
-                Err(FenceError::CredentialsRefused(x()))
-            },
-        )
+        let e = confirm_off("d", &node(), &timing(), Ok(()), || async {
+            n.fetch_add(1, Ordering::SeqCst);
+            Err(FenceError::CredentialsRefused(x()))
+        })
         .await
         .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::PermissionDenied);
@@ -286,15 +286,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn transient_status_errors_are_retried_until_the_deadline() {
-        let e = read_back(
-            "d",
-            &node(),
-            Op::PowerOn,
-            PowerState::On,
-            &timing(),
-            Ok(()),
-            || async { Err(FenceError::NoAnswer(x())) },
-        )
+        let e = confirm_on("d", &node(), &timing(), Ok(()), || async {
+            Err(FenceError::NoAnswer(x()))
+        })
         .await
         .unwrap_err();
         let msg = e.to_string();

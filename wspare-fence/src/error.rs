@@ -2,14 +2,15 @@
 //! was asked and what came back. Maps onto the core kinds through
 //! [`BackendError`].
 //!
-//! Every text that came back from a device or a tool is redacted of the
-//! device's secrets before it is stored here, on top of the command
-//! runner's own redaction, so a password a tool echoes never reaches an
-//! error, a log line or the journal.
+//! No text stored here holds a secret: a tool's output was redacted by the
+//! command runner (every secret of the command: its env and stdin), and an
+//! HTTP reply is redacted by the Redfish fencer, so a password a device
+//! echoes never reaches an error, a log line or the journal.
 
 use std::fmt;
 use std::time::Duration;
 
+use wspare_core::runner::CommandError;
 use wspare_core::{BackendError, ErrorKind, NodeId, PowerState};
 
 /// What a fencer asked a device to do.
@@ -80,7 +81,7 @@ pub enum FenceError {
     #[error("credentials refused: {0}")]
     CredentialsRefused(Exchange),
     /// The device never answered; nothing was done.
-    #[error("no answer: {0}")]
+    #[error("no answer: {0}; check the device's address and port, and that it is up and reachable from here")]
     NoAnswer(Exchange),
     /// The request may have reached the device but its answer did not come
     /// back in time; it may or may not have acted.
@@ -88,7 +89,7 @@ pub enum FenceError {
     AnswerLost(Exchange),
     /// The device could not be reached at all (connection refused, no route,
     /// name lookup failed); nothing was done.
-    #[error("device unreachable: {0}")]
+    #[error("device unreachable: {0}; check the device's address and port")]
     Unreachable(Exchange),
     /// The device answered with an error.
     #[error("device reported failure: {0}")]
@@ -104,7 +105,7 @@ pub enum FenceError {
     #[error("configuration does not fit the device: {0}")]
     Misconfigured(Exchange),
     /// The tool could not be started (not installed).
-    #[error("cannot run the tool: {0}")]
+    #[error("cannot run the tool: {0}; install it where the fencer runs it, or name its path in the device's config")]
     ToolMissing(Exchange),
     /// The power-off (or power-on) was sent, accepted or not, but the power
     /// never read back as wanted before the deadline. After a power-off:
@@ -191,6 +192,55 @@ impl FenceError {
             _ => None,
         }
     }
+}
+
+/// Maps a failed run of a fence tool (ipmitool, a fence agent) onto a
+/// [`FenceError`]: not started is [`FenceError::ToolMissing`], killed at its
+/// deadline or an I/O error is [`FenceError::AnswerLost`] (it may have
+/// acted), and an exit with a failure code is whatever `classify` makes of
+/// its output (stdout, stderr). The reply carries the exit status and what
+/// `said` reads as meaningful in the output (stdout, stderr). The runner has
+/// already redacted the command's secrets from both.
+pub(crate) fn tool_failure(
+    e: CommandError,
+    exchange: impl FnOnce(String) -> Exchange,
+    said: impl Fn(&str, &str) -> String,
+    classify: impl FnOnce(&str, &str) -> fn(Exchange) -> FenceError,
+) -> FenceError {
+    let tool = e.argv().0.first().cloned().unwrap_or_default();
+    let (variant, reply): (fn(Exchange) -> FenceError, String) = match e {
+        CommandError::Spawn { source, .. } => (
+            FenceError::ToolMissing,
+            format!("cannot start {tool}: {source}"),
+        ),
+        CommandError::Io { source, .. } => (
+            FenceError::AnswerLost,
+            format!("I/O error talking to {tool}: {source}"),
+        ),
+        CommandError::Timeout {
+            after, stderr_tail, ..
+        } => {
+            let said = said("", &stderr_tail);
+            let mut reply = format!("no answer within {after:?}; {tool} was killed");
+            if !said.is_empty() {
+                reply.push_str(&format!("; stderr: {said}"));
+            }
+            (FenceError::AnswerLost, reply)
+        }
+        CommandError::Exit {
+            code,
+            stderr_tail,
+            stdout,
+            ..
+        } => {
+            let code = code.map_or("a signal".to_string(), |c| format!("exit code {c}"));
+            (
+                classify(&stdout, &stderr_tail),
+                format!("{code}: {}", said(&stdout, &stderr_tail)),
+            )
+        }
+    };
+    variant(exchange(reply))
 }
 
 impl BackendError for FenceError {

@@ -58,6 +58,7 @@ mod tests {
             let _ = crate::agent::parse::success(&text);
             let _ = crate::agent::parse::classify(&text);
             let _ = crate::agent::parse::summary(&text);
+            let _ = crate::agent::parse::cause(&text);
             let _ = crate::redfish::parse::service_root(&text);
             let _ = crate::redfish::parse::members(&text);
             let _ = crate::redfish::parse::system(&text);

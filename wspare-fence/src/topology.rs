@@ -104,13 +104,51 @@ fn level_line(i: usize, level: &Level, e: &Error) -> String {
     format!("{label} [{}]: {}", e.kind(), e.message())
 }
 
-/// The kind and retryability of "every level failed".
-fn combine(errors: &[Error]) -> (ErrorKind, bool) {
-    let kind = match errors.first() {
-        Some(first) if errors.iter().all(|e| e.kind() == first.kind()) => first.kind(),
-        _ => errors.last().map_or(ErrorKind::Backend, Error::kind),
+/// "Every level failed" from each failed level (its index, the level, the
+/// error): the kind shared by every level's error, else the last level's;
+/// retryable if any level's error is.
+fn all_levels_failed(
+    node: &NodeId,
+    what: &'static str,
+    failed: &[(usize, &Level, Error)],
+) -> Error {
+    let kind = match failed.first() {
+        Some((_, _, first)) if failed.iter().all(|(_, _, e)| e.kind() == first.kind()) => {
+            first.kind()
+        }
+        _ => failed
+            .last()
+            .map_or(ErrorKind::Backend, |(_, _, e)| e.kind()),
     };
-    (kind, errors.iter().any(Error::is_retryable))
+    FenceError::AllLevelsFailed {
+        node: node.clone(),
+        what,
+        failures: failed
+            .iter()
+            .map(|(i, l, e)| level_line(*i, l, e))
+            .collect(),
+        kind,
+        retryable: failed.iter().any(|(_, _, e)| e.is_retryable()),
+    }
+    .into()
+}
+
+/// Checks that a node has levels and each level devices. Shared with the
+/// config, which checks before it builds any device.
+pub(crate) fn check_levels<T>(node: &str, levels: &[Vec<T>]) -> Result<(), FenceError> {
+    if levels.is_empty() {
+        return Err(FenceError::config(
+            format!("nodes.{node}.levels"),
+            "a node needs at least one level",
+        ));
+    }
+    if let Some(i) = levels.iter().position(Vec::is_empty) {
+        return Err(FenceError::config(
+            format!("nodes.{node}.levels[{i}]"),
+            "a level needs at least one device",
+        ));
+    }
+    Ok(())
 }
 
 impl Topology {
@@ -126,18 +164,7 @@ impl Topology {
         fence_delay: Duration,
         levels: Vec<Level>,
     ) -> Result<Self, FenceError> {
-        if levels.is_empty() {
-            return Err(FenceError::config(
-                format!("nodes.{node}.levels"),
-                "a node needs at least one level",
-            ));
-        }
-        if let Some(i) = levels.iter().position(Vec::is_empty) {
-            return Err(FenceError::config(
-                format!("nodes.{node}.levels[{i}]"),
-                "a level needs at least one device",
-            ));
-        }
+        check_levels(node.as_str(), &levels)?;
         if self.nodes.contains_key(&node) {
             return Err(FenceError::config(format!("nodes.{node}"), "defined twice"));
         }
@@ -209,6 +236,31 @@ impl Topology {
             },
         )
     }
+
+    /// A level's power: `Off` if every device reads off, `On` if any reads
+    /// on, `Unknown` otherwise; an error if any device fails to answer.
+    async fn level_status(node: &NodeId, level: &Level) -> Result<PowerState> {
+        let mut states = Vec::with_capacity(level.len());
+        for d in level {
+            states.push(d.power_status(node).await?);
+        }
+        Ok(if states.iter().all(|s| *s == PowerState::Off) {
+            PowerState::Off
+        } else if states.contains(&PowerState::On) {
+            PowerState::On
+        } else {
+            PowerState::Unknown
+        })
+    }
+
+    /// Powers `node` on through every device of `level`, stopping at the
+    /// first failure.
+    async fn unfence_level(node: &NodeId, level: &Level) -> Result<()> {
+        for d in level {
+            d.unfence(node).await?;
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -234,8 +286,7 @@ impl Fencer for Topology {
 
     async fn fence(&self, node: &NodeId) -> Result<FenceReceipt> {
         let plan = self.plan_or_not_found(node)?;
-        let mut errors = Vec::new();
-        let mut lines = Vec::new();
+        let mut failed = Vec::new();
         for (i, level) in plan.levels.iter().enumerate() {
             match Topology::fence_level(node, level).await {
                 Ok(r) => {
@@ -244,61 +295,28 @@ impl Fencer for Topology {
                 }
                 Err(e) => {
                     tracing::warn!(%node, level = i + 1, error = %e, "fence level failed");
-                    lines.push(level_line(i, level, &e));
-                    errors.push(e);
+                    failed.push((i, level, e));
                 }
             }
         }
-        let (kind, retryable) = combine(&errors);
-        Err(FenceError::AllLevelsFailed {
-            node: node.clone(),
-            what: "fencing",
-            failures: lines,
-            kind,
-            retryable,
-        }
-        .into())
+        Err(all_levels_failed(node, "fencing", &failed))
     }
 
     async fn power_status(&self, node: &NodeId) -> Result<PowerState> {
         let plan = self.plan_or_not_found(node)?;
-        let mut errors = Vec::new();
-        let mut lines = Vec::new();
-        'levels: for (i, level) in plan.levels.iter().enumerate() {
-            let mut states = Vec::new();
-            for d in level {
-                match d.power_status(node).await {
-                    Ok(s) => states.push(s),
-                    Err(e) => {
-                        lines.push(level_line(i, level, &e));
-                        errors.push(e);
-                        continue 'levels;
-                    }
-                }
+        let mut failed = Vec::new();
+        for (i, level) in plan.levels.iter().enumerate() {
+            match Topology::level_status(node, level).await {
+                Ok(s) => return Ok(s),
+                Err(e) => failed.push((i, level, e)),
             }
-            return Ok(if states.iter().all(|s| *s == PowerState::Off) {
-                PowerState::Off
-            } else if states.contains(&PowerState::On) {
-                PowerState::On
-            } else {
-                PowerState::Unknown
-            });
         }
-        let (kind, retryable) = combine(&errors);
-        Err(FenceError::AllLevelsFailed {
-            node: node.clone(),
-            what: "power status",
-            failures: lines,
-            kind,
-            retryable,
-        }
-        .into())
+        Err(all_levels_failed(node, "power status", &failed))
     }
 
     async fn unfence(&self, node: &NodeId) -> Result<()> {
         let plan = self.plan_or_not_found(node)?;
-        let mut errors = Vec::new();
-        let mut lines = Vec::new();
+        let mut failed = Vec::new();
         let mut any_ok = false;
         let mut any_capable = false;
         for (i, level) in plan.levels.iter().enumerate().rev() {
@@ -306,17 +324,13 @@ impl Fencer for Topology {
                 continue;
             }
             any_capable = true;
-            let mut ok = true;
-            for d in level {
-                if let Err(e) = d.unfence(node).await {
+            match Topology::unfence_level(node, level).await {
+                Ok(()) => any_ok = true,
+                Err(e) => {
                     tracing::warn!(%node, level = i + 1, error = %e, "unfence failed");
-                    lines.push(level_line(i, level, &e));
-                    errors.push(e);
-                    ok = false;
-                    break;
+                    failed.push((i, level, e));
                 }
             }
-            any_ok |= ok;
         }
         if !any_capable {
             return Err(Error::unsupported(format!(
@@ -326,15 +340,7 @@ impl Fencer for Topology {
         if any_ok {
             return Ok(());
         }
-        let (kind, retryable) = combine(&errors);
-        Err(FenceError::AllLevelsFailed {
-            node: node.clone(),
-            what: "unfencing",
-            failures: lines,
-            kind,
-            retryable,
-        }
-        .into())
+        Err(all_levels_failed(node, "unfencing", &failed))
     }
 }
 

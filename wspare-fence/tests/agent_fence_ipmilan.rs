@@ -7,16 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use support::{Counting, Domain, Vbmc};
+use support::{node, Counting, Domain, Env, Vbmc};
 use wspare_core::runner::{CommandRunner, LocalRunner, Secret};
-use wspare_core::{ErrorKind, Fencer, NodeId, PowerState, Result};
+use wspare_core::{ErrorKind, Fencer, Result};
 use wspare_fence::agent::{AgentDevice, FenceAgentFencer};
 use wspare_fence::Timing;
 use wspare_testkit::suite::fencer::{FencerEnv, FencerFixture, FencerVariant};
-
-fn node() -> NodeId {
-    NodeId::new("node-a").unwrap()
-}
 
 /// fence_ipmilan options: `verbose_level=2` makes it log ipmitool's `-v`
 /// output, which tells a refused password from a dead BMC;
@@ -48,35 +44,6 @@ fn fencer(port: u16, password: &str, runner: Arc<dyn CommandRunner>) -> FenceAge
         .unwrap()
 }
 
-/// Whatever serves (or plays dead for) the BMC; kept for its `Drop`.
-type Bmc = Box<dyn std::any::Any + Send + Sync>;
-
-struct Env {
-    fencer: Arc<FenceAgentFencer>,
-    secret: String,
-    _bmc: Bmc,
-    domain: Domain,
-}
-
-#[async_trait]
-impl FencerEnv for Env {
-    fn fencer(&self) -> Arc<dyn Fencer> {
-        self.fencer.clone()
-    }
-    fn node(&self) -> NodeId {
-        node()
-    }
-    fn unknown_node(&self) -> NodeId {
-        NodeId::new("node-z").unwrap()
-    }
-    async fn true_power(&self) -> Result<PowerState> {
-        self.domain.power().map_err(wspare_core::Error::invalid)
-    }
-    fn secret(&self) -> Option<String> {
-        Some(self.secret.clone())
-    }
-}
-
 struct Fixture;
 
 #[async_trait]
@@ -87,30 +54,12 @@ impl FencerFixture for Fixture {
 
     async fn build(&self, variant: FencerVariant) -> Result<Option<Box<dyn FencerEnv>>> {
         let domain = Domain::start("agent");
-        let (bmc, port) = match variant {
-            FencerVariant::Normal | FencerVariant::WrongCredentials => {
-                let b = Vbmc::add(&domain);
-                let p = b.port;
-                (Box::new(b) as Bmc, p)
-            }
-            FencerVariant::StuckOn => {
-                let (g, p) = support::stuck_bmc(&domain);
-                (Box::new(g) as Bmc, p)
-            }
-            FencerVariant::DeadDevice => {
-                let (s, p) = support::silent_udp();
-                (Box::new(s) as Bmc, p)
-            }
-        };
-        let secret = if variant == FencerVariant::WrongCredentials {
-            support::WRONG_PASSWORD
-        } else {
-            support::PASSWORD
-        };
+        let (server, port) = support::ipmi_server(&domain, variant);
+        let secret = support::password_for(variant);
         Ok(Some(Box::new(Env {
             fencer: Arc::new(fencer(port, secret, Arc::new(LocalRunner))),
-            secret: secret.to_string(),
-            _bmc: bmc,
+            secret,
+            server,
             domain,
         })))
     }

@@ -7,16 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use support::{Counting, Domain, Vbmc};
+use support::{node, Counting, Domain, Env, Vbmc};
 use wspare_core::runner::{CommandRunner, LocalRunner, Secret};
-use wspare_core::{ErrorKind, Fencer, NodeId, PowerState, Result};
-use wspare_fence::ipmi::{IpmiDevice, IpmiFencer, IpmiPassword};
+use wspare_core::{ErrorKind, Fencer, PowerState, Result};
+use wspare_fence::ipmi::{IpmiDevice, IpmiFencer, IpmiPassword, Privilege};
 use wspare_fence::Timing;
 use wspare_testkit::suite::fencer::{FencerEnv, FencerFixture, FencerVariant};
-
-fn node() -> NodeId {
-    NodeId::new("node-a").unwrap()
-}
 
 /// The device settings every test uses: 2 s per try and one retry (a dead
 /// BMC fails in ~4 s), 5 s of read-back.
@@ -33,36 +29,6 @@ fn device(port: u16, password: IpmiPassword) -> IpmiDevice {
     d
 }
 
-/// Whatever serves (or plays dead for) the BMC; kept for its `Drop`.
-type Bmc = Box<dyn std::any::Any + Send + Sync>;
-
-struct Env {
-    fencer: Arc<IpmiFencer>,
-    secret: String,
-    // Dropped in order: the BMC, then the domain.
-    _bmc: Bmc,
-    domain: Domain,
-}
-
-#[async_trait]
-impl FencerEnv for Env {
-    fn fencer(&self) -> Arc<dyn Fencer> {
-        self.fencer.clone()
-    }
-    fn node(&self) -> NodeId {
-        node()
-    }
-    fn unknown_node(&self) -> NodeId {
-        NodeId::new("node-z").unwrap()
-    }
-    async fn true_power(&self) -> Result<PowerState> {
-        self.domain.power().map_err(wspare_core::Error::invalid)
-    }
-    fn secret(&self) -> Option<String> {
-        Some(self.secret.clone())
-    }
-}
-
 struct Fixture;
 
 #[async_trait]
@@ -73,26 +39,8 @@ impl FencerFixture for Fixture {
 
     async fn build(&self, variant: FencerVariant) -> Result<Option<Box<dyn FencerEnv>>> {
         let domain = Domain::start("ipmi");
-        let (bmc, port) = match variant {
-            FencerVariant::Normal | FencerVariant::WrongCredentials => {
-                let b = Vbmc::add(&domain);
-                let p = b.port;
-                (Box::new(b) as Bmc, p)
-            }
-            FencerVariant::StuckOn => {
-                let (g, p) = support::stuck_bmc(&domain);
-                (Box::new(g) as Bmc, p)
-            }
-            FencerVariant::DeadDevice => {
-                let (s, p) = support::silent_udp();
-                (Box::new(s) as Bmc, p)
-            }
-        };
-        let secret = if variant == FencerVariant::WrongCredentials {
-            support::WRONG_PASSWORD
-        } else {
-            support::PASSWORD
-        };
+        let (server, port) = support::ipmi_server(&domain, variant);
+        let secret = support::password_for(variant);
         let fencer = IpmiFencer::new(
             "bmc-a",
             node(),
@@ -101,8 +49,8 @@ impl FencerFixture for Fixture {
         )?;
         Ok(Some(Box::new(Env {
             fencer: Arc::new(fencer),
-            secret: secret.to_string(),
-            _bmc: bmc,
+            secret,
+            server,
             domain,
         })))
     }
@@ -238,5 +186,37 @@ async fn stuck_bmc_gives_no_receipt() {
         "{m}"
     );
     assert!(m.ends_with("last: on); no receipt"), "{m}");
+    assert_eq!(domain.power().unwrap(), PowerState::On);
+}
+
+/// The privilege level and cipher suite go to the real ipmitool: `-L
+/// OPERATOR -C 3` (the suite virtualbmc speaks) reads the power; a suite the
+/// BMC does not offer (`-C 17`) is a configuration error after one call,
+/// not retried, and nothing is done.
+#[tokio::test]
+async fn privilege_and_cipher_suite_reach_the_bmc() {
+    let domain = Domain::start("ipmi-cipher");
+    let bmc = Vbmc::add(&domain);
+    let mut d = device(bmc.port, IpmiPassword::Env(Secret::new(support::PASSWORD)));
+    d.privilege = Some(Privilege::Operator);
+    d.cipher_suite = Some(3);
+    let f = IpmiFencer::new("bmc-a", node(), d.clone(), Arc::new(LocalRunner)).unwrap();
+    assert_eq!(f.power_status(&node()).await.unwrap(), PowerState::On);
+
+    d.cipher_suite = Some(17);
+    let runner = Counting::new();
+    let f = IpmiFencer::new("bmc-a", node(), d, runner.clone()).unwrap();
+    let e = f.fence(&node()).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(!e.is_retryable());
+    assert!(
+        e.message().starts_with(&format!(
+            "configuration does not fit the device: ipmi bmc-a (127.0.0.1:{}): power off of node \
+             node-a: asked `ipmitool -I lanplus -H 127.0.0.1 -p {} -U admin -E -L OPERATOR -C 17",
+            bmc.port, bmc.port
+        )),
+        "{e}"
+    );
+    assert_eq!(runner.argvs().len(), 1, "{:?}", runner.argvs());
     assert_eq!(domain.power().unwrap(), PowerState::On);
 }

@@ -13,16 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use support::{Domain, Emulator, Redfish};
+use support::{node, Domain, Emulator, Env, Redfish};
 use wspare_core::runner::Secret;
-use wspare_core::{ErrorKind, Fencer, NodeId, PowerState, Result};
+use wspare_core::{ErrorKind, Fencer, PowerState, Result};
 use wspare_fence::redfish::{RedfishAuth, RedfishDevice, RedfishFencer, SystemRef};
 use wspare_fence::Timing;
 use wspare_testkit::suite::fencer::{FencerEnv, FencerFixture, FencerVariant};
-
-fn node() -> NodeId {
-    NodeId::new("node-a").unwrap()
-}
 
 fn device(url: String, password: &str, auth: RedfishAuth) -> RedfishDevice {
     let mut d = RedfishDevice::new(url, support::USER, Secret::new(password));
@@ -41,32 +37,6 @@ fn fencer(d: RedfishDevice, system: SystemRef) -> RedfishFencer {
         .unwrap()
         .node(node(), system)
         .unwrap()
-}
-
-struct Env {
-    fencer: Arc<RedfishFencer>,
-    secret: String,
-    _server: Box<dyn std::any::Any + Send + Sync>,
-    domain: Domain,
-}
-
-#[async_trait]
-impl FencerEnv for Env {
-    fn fencer(&self) -> Arc<dyn Fencer> {
-        self.fencer.clone()
-    }
-    fn node(&self) -> NodeId {
-        node()
-    }
-    fn unknown_node(&self) -> NodeId {
-        NodeId::new("node-z").unwrap()
-    }
-    async fn true_power(&self) -> Result<PowerState> {
-        self.domain.power().map_err(wspare_core::Error::invalid)
-    }
-    fn secret(&self) -> Option<String> {
-        Some(self.secret.clone())
-    }
 }
 
 struct Fixture(RedfishAuth);
@@ -88,7 +58,7 @@ impl FencerFixture for Fixture {
             RedfishAuth::Basic => Emulator::Sushy,
             RedfishAuth::Session => Emulator::WithSessions,
         };
-        let (server, url): (Box<dyn std::any::Any + Send + Sync>, String) = match variant {
+        let (server, url): (support::Server, String) = match variant {
             FencerVariant::Normal | FencerVariant::WrongCredentials => {
                 let r = Redfish::start(&domain, normal);
                 let u = r.url();
@@ -104,11 +74,7 @@ impl FencerFixture for Fixture {
                 (Box::new(l), format!("https://127.0.0.1:{port}"))
             }
         };
-        let secret = if variant == FencerVariant::WrongCredentials {
-            support::WRONG_PASSWORD
-        } else {
-            support::PASSWORD
-        };
+        let secret = support::password_for(variant);
         // The service exposes only this domain, but name it: the lookup by
         // name walks the Systems collection as on a multi-system service.
         let f = fencer(
@@ -117,8 +83,8 @@ impl FencerFixture for Fixture {
         );
         Ok(Some(Box::new(Env {
             fencer: Arc::new(f),
-            secret: secret.to_string(),
-            _server: server,
+            secret,
+            server,
             domain,
         })))
     }

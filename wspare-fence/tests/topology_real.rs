@@ -6,15 +6,11 @@ mod support;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{Domain, Emulator, Redfish, Vbmc};
+use support::{node, Domain, Emulator, Redfish, Vbmc};
 use wspare_core::runner::LocalRunner;
-use wspare_core::{ErrorKind, Evidence, Fencer, NodeId, PowerState};
+use wspare_core::{ErrorKind, Evidence, Fencer, PowerState};
 use wspare_fence::config::FenceConfig;
 use wspare_fence::topology::Topology;
-
-fn node() -> NodeId {
-    NodeId::new("node-a").unwrap()
-}
 
 fn build(toml: &str) -> Topology {
     FenceConfig::from_toml(toml)

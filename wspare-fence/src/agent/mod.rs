@@ -22,11 +22,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use wspare_core::runner::{Command, CommandError, CommandRunner, Output, Secret, StdinPart};
+use wspare_core::runner::{Command, CommandRunner, Output, Secret, StdinPart};
 use wspare_core::{FenceReceipt, FenceScope, Fencer, FencerCaps, NodeId, PowerState, Result};
 
-use crate::confirm::{read_back, receipt, Timing};
-use crate::error::{Exchange, FenceError, Op};
+use crate::confirm::{confirm_off, confirm_on, Timing};
+use crate::error::{tool_failure, Exchange, FenceError, Op};
 
 /// Option keys the adapter sets itself: an agent's options may not.
 const RESERVED: &[&str] = &[
@@ -222,112 +222,67 @@ impl FenceAgentFencer {
         )
     }
 
-    async fn run(
+    /// Runs the agent with `action` for `node` and reads its answer with
+    /// `read`; `ok_codes` are the exit codes that are answers (a status's 2
+    /// is `Status: OFF`).
+    async fn run<T>(
         &self,
         node: &NodeId,
         op: Op,
         action: &str,
         ok_codes: &[i32],
-    ) -> Result<Output, FenceError> {
+        read: impl FnOnce(&Output) -> Result<T, String>,
+    ) -> Result<T, FenceError> {
         let plug = self.plug(node)?;
         let cmd = Command::new(self.device.agent.clone())
             .stdin_parts(self.stdin(action, plug))
             .ok_exit_codes(ok_codes)
             .timeout(self.device.timing.command_timeout);
-        let x = |reply: String| Exchange {
+        let exchange = |reply: String| Exchange {
             device: self.describe(),
             node: node.clone(),
             op,
             asked: self.asked(action, plug),
             reply,
         };
-        match self.runner.run(&cmd).await {
-            Ok(out) => Ok(out),
-            Err(CommandError::Spawn { source, .. }) => Err(FenceError::ToolMissing(x(format!(
-                "cannot start {}: {source}",
-                self.device.agent
-            )))),
-            Err(CommandError::Timeout {
-                after, stderr_tail, ..
-            }) => Err(FenceError::AnswerLost(x(format!(
-                "no answer within {after:?}; the agent was killed; stderr: {}",
-                parse::summary(&stderr_tail)
-            )))),
-            Err(CommandError::Io { source, .. }) => Err(FenceError::AnswerLost(x(format!(
-                "I/O error talking to the agent: {source}"
-            )))),
-            Err(CommandError::Exit {
-                code,
-                stderr_tail,
-                stdout,
-                ..
-            }) => {
-                let all = format!("{stdout}\n{stderr_tail}");
-                let class = parse::classify(&all);
-                let mut reply = format!(
-                    "{}: {}",
-                    code.map_or("a signal".into(), |c| format!("exit code {c}")),
-                    parse::summary(&stderr_tail)
-                );
-                if let Some(cause) = cause_line(&all) {
-                    reply.push_str(&format!(" ({cause})"));
-                }
-                let x = x(reply);
-                Err(match class {
-                    parse::Failure::Credentials => FenceError::CredentialsRefused(x),
-                    parse::Failure::Usage => FenceError::Misconfigured(x),
-                    parse::Failure::Unreachable => FenceError::Unreachable(x),
-                    parse::Failure::NoAnswer => FenceError::NoAnswer(x),
-                    parse::Failure::AnswerLost => FenceError::AnswerLost(x),
-                    parse::Failure::NotChanged => FenceError::Refused(x),
-                    parse::Failure::Other => FenceError::Refused(x),
-                })
+        let out = match self.runner.run(&cmd).await {
+            Ok(out) => out,
+            Err(e) => {
+                return Err(tool_failure(
+                    e,
+                    exchange,
+                    |stdout, stderr| {
+                        let summary = parse::summary(stderr);
+                        match parse::cause(&format!("{stdout}\n{stderr}")) {
+                            Some(cause) => format!("{summary} ({cause})"),
+                            None => summary,
+                        }
+                    },
+                    |stdout, stderr| match parse::classify(&format!("{stdout}\n{stderr}")) {
+                        parse::Failure::Credentials => FenceError::CredentialsRefused,
+                        parse::Failure::Usage => FenceError::Misconfigured,
+                        parse::Failure::Unreachable => FenceError::Unreachable,
+                        parse::Failure::NoAnswer => FenceError::NoAnswer,
+                        parse::Failure::AnswerLost => FenceError::AnswerLost,
+                        parse::Failure::NotChanged | parse::Failure::Other => FenceError::Refused,
+                    },
+                ))
             }
-        }
+        };
+        read(&out).map_err(|why| FenceError::BadReply(exchange(why)))
     }
 
     async fn control(&self, node: &NodeId, op: Op, action: &str) -> Result<(), FenceError> {
-        let out = self.run(node, op, action, &[0]).await?;
-        parse::success(&out.stdout).map_err(|why| {
-            FenceError::BadReply(Exchange {
-                device: self.describe(),
-                node: node.clone(),
-                op,
-                asked: self.asked(action, self.plug(node).ok().flatten()),
-                reply: why,
-            })
-        })
+        self.run(node, op, action, &[0], |o| parse::success(&o.stdout))
+            .await
     }
 
     async fn status(&self, node: &NodeId) -> Result<PowerState, FenceError> {
-        let out = self.run(node, Op::PowerStatus, "status", &[0, 2]).await?;
-        parse::status(&out.stdout, out.code).map_err(|why| {
-            FenceError::BadReply(Exchange {
-                device: self.describe(),
-                node: node.clone(),
-                op: Op::PowerStatus,
-                asked: self.asked("status", self.plug(node).ok().flatten()),
-                reply: why,
-            })
+        self.run(node, Op::PowerStatus, "status", &[0, 2], |o| {
+            parse::status(&o.stdout, o.code)
         })
+        .await
     }
-}
-
-/// The line that tells why credentials were refused, if there is one.
-fn cause_line(output: &str) -> Option<String> {
-    const CAUSES: &[&str] = &[
-        "RAKP",
-        "unauthorized name",
-        "nsufficient privilege",
-        "correct privileges",
-        "401 Unauthorized",
-        "uthentication failed",
-    ];
-    output
-        .lines()
-        .map(|l| l.trim().trim_start_matches('>').trim())
-        .find(|l| CAUSES.iter().any(|c| l.contains(c)))
-        .map(str::to_string)
 }
 
 #[async_trait]
@@ -346,18 +301,8 @@ impl Fencer for FenceAgentFencer {
     async fn fence(&self, node: &NodeId) -> Result<FenceReceipt> {
         self.plug(node)?;
         let off = self.control(node, Op::PowerOff, "off").await;
-        let device = self.describe();
-        let at = read_back(
-            &device,
-            node,
-            Op::PowerOff,
-            PowerState::Off,
-            &self.device.timing,
-            off,
-            || self.status(node),
-        )
-        .await?;
-        Ok(receipt(node, &device, at))
+        let t = &self.device.timing;
+        Ok(confirm_off(&self.describe(), node, t, off, || self.status(node)).await?)
     }
 
     async fn power_status(&self, node: &NodeId) -> Result<PowerState> {
@@ -368,22 +313,13 @@ impl Fencer for FenceAgentFencer {
         self.plug(node)?;
         if !self.device.unfence {
             return Err(wspare_core::Error::unsupported(format!(
-                "{}: configured without unfencing (unfence = false)",
+                "{}: cannot power node {node} on: the device is configured with unfence = false",
                 self.describe()
             )));
         }
         let on = self.control(node, Op::PowerOn, "on").await;
-        read_back(
-            &self.describe(),
-            node,
-            Op::PowerOn,
-            PowerState::On,
-            &self.device.timing,
-            on,
-            || self.status(node),
-        )
-        .await?;
-        Ok(())
+        let t = &self.device.timing;
+        Ok(confirm_on(&self.describe(), node, t, on, || self.status(node)).await?)
     }
 }
 

@@ -71,10 +71,12 @@ pub enum Failure {
 /// refused password (`RAKP 2 HMAC is invalid`) is recognised; without it,
 /// fence_ipmilan says only "Unable to obtain correct plug status".
 pub fn classify(output: &str) -> Failure {
+    use crate::ipmi::parse::{classify as ipmi_classify, Failure as IpmiFailure};
     let has = |s: &str| output.contains(s);
     let lower = output.to_ascii_lowercase();
     let has_lower = |s: &str| lower.contains(s);
-    if crate::ipmi::parse::classify(output) == crate::ipmi::parse::Failure::Credentials
+    let ipmi = ipmi_classify(output);
+    if ipmi == IpmiFailure::Credentials
         || has("The user does not have the correct privileges")
         || has("401 Unauthorized")
         || has_lower("authentication failed")
@@ -91,9 +93,7 @@ pub fn classify(output: &str) -> Failure {
         Failure::Usage
     } else if has("Timed out waiting to power") {
         Failure::NotChanged
-    } else if has("Connection timed out")
-        || crate::ipmi::parse::classify(output) == crate::ipmi::parse::Failure::NoAnswer
-    {
+    } else if has("Connection timed out") || ipmi == IpmiFailure::NoAnswer {
         Failure::NoAnswer
     } else if has("Connection lost") {
         Failure::AnswerLost
@@ -102,6 +102,25 @@ pub fn classify(output: &str) -> Failure {
     } else {
         Failure::Other
     }
+}
+
+/// The line of the output that tells why credentials were refused, if
+/// there is one (`RAKP 2 HMAC is invalid` from the ipmitool log of
+/// `verbose_level=2`, an HTTP 401...).
+pub fn cause(output: &str) -> Option<String> {
+    const CAUSES: &[&str] = &[
+        "RAKP",
+        "unauthorized name",
+        "nsufficient privilege",
+        "correct privileges",
+        "401 Unauthorized",
+        "uthentication failed",
+    ];
+    output
+        .lines()
+        .map(|l| l.trim().trim_start_matches('>').trim())
+        .find(|l| CAUSES.iter().any(|c| l.contains(c)))
+        .map(str::to_string)
 }
 
 /// The agent's `ERROR` lines without their timestamps, joined with "; ";

@@ -19,11 +19,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
-use wspare_core::runner::{redact, Command, CommandError, CommandRunner, Output, Secret};
+use wspare_core::runner::{Command, CommandRunner, Secret};
 use wspare_core::{FenceReceipt, FenceScope, Fencer, FencerCaps, NodeId, PowerState, Result};
 
-use crate::confirm::{read_back, receipt, Timing};
-use crate::error::{Exchange, FenceError, Op};
+use crate::confirm::{confirm_off, confirm_on, Timing};
+use crate::error::{tool_failure, Exchange, FenceError, Op};
 
 /// How ipmitool gets the password.
 #[derive(Clone, Debug)]
@@ -241,82 +241,50 @@ impl IpmiFencer {
         }
     }
 
-    fn redact(&self, text: &str) -> String {
-        match &self.device.password {
-            IpmiPassword::Env(s) => redact(text, &[s]),
-            IpmiPassword::File(_) => text.to_string(),
-        }
-    }
-
-    fn exchange(&self, op: Op, cmd: &Command, reply: String) -> Exchange {
-        Exchange {
+    /// Runs `power <action>` and reads its stdout with `read`.
+    async fn run<T>(
+        &self,
+        op: Op,
+        action: &str,
+        read: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, FenceError> {
+        let cmd = self.command(action);
+        let exchange = |reply: String| Exchange {
             device: self.describe(),
             node: self.node.clone(),
             op,
             asked: cmd.to_string(),
-            reply: self.redact(&reply),
-        }
-    }
-
-    async fn run(&self, op: Op, action: &str) -> Result<(Command, Output), FenceError> {
-        let cmd = self.command(action);
-        match self.runner.run(&cmd).await {
-            Ok(out) => Ok((cmd, out)),
-            Err(e) => Err(self.map_error(op, &cmd, e)),
-        }
-    }
-
-    fn map_error(&self, op: Op, cmd: &Command, e: CommandError) -> FenceError {
-        match e {
-            CommandError::Spawn { source, .. } => FenceError::ToolMissing(self.exchange(
-                op,
-                cmd,
-                format!("cannot start ipmitool: {source}"),
-            )),
-            CommandError::Timeout {
-                after, stderr_tail, ..
-            } => {
-                let said = parse::meaningful(&stderr_tail);
-                let reply = if said.is_empty() {
-                    format!("no answer within {after:?}; ipmitool was killed")
-                } else {
-                    format!("no answer within {after:?}; ipmitool was killed; stderr: {said}")
-                };
-                FenceError::AnswerLost(self.exchange(op, cmd, reply))
+            reply,
+        };
+        let out = match self.runner.run(&cmd).await {
+            Ok(out) => out,
+            Err(e) => {
+                return Err(tool_failure(
+                    e,
+                    exchange,
+                    |_, stderr| parse::meaningful(stderr),
+                    |_, stderr| match parse::classify(stderr) {
+                        parse::Failure::Credentials => FenceError::CredentialsRefused,
+                        parse::Failure::Cipher => FenceError::Misconfigured,
+                        parse::Failure::Unreachable => FenceError::Unreachable,
+                        parse::Failure::NoAnswer => FenceError::NoAnswer,
+                        parse::Failure::AnswerLost => FenceError::AnswerLost,
+                        parse::Failure::Other => FenceError::Refused,
+                    },
+                ))
             }
-            CommandError::Exit {
-                code, stderr_tail, ..
-            } => {
-                let code = code.map_or("a signal".to_string(), |c| format!("exit code {c}"));
-                let reply = format!("{code}: {}", parse::meaningful(&stderr_tail));
-                let x = self.exchange(op, cmd, reply);
-                match parse::classify(&stderr_tail) {
-                    parse::Failure::Credentials => FenceError::CredentialsRefused(x),
-                    parse::Failure::Cipher => FenceError::Misconfigured(x),
-                    parse::Failure::Unreachable => FenceError::Unreachable(x),
-                    parse::Failure::NoAnswer => FenceError::NoAnswer(x),
-                    parse::Failure::AnswerLost => FenceError::AnswerLost(x),
-                    parse::Failure::Other => FenceError::Refused(x),
-                }
-            }
-            CommandError::Io { source, .. } => FenceError::AnswerLost(self.exchange(
-                op,
-                cmd,
-                format!("I/O error reading ipmitool: {source}"),
-            )),
-        }
+        };
+        read(&out.stdout).map_err(|why| FenceError::BadReply(exchange(why)))
     }
 
     async fn control(&self, op: Op, action: &str, expected: &str) -> Result<(), FenceError> {
-        let (cmd, out) = self.run(op, action).await?;
-        parse::power_control(&out.stdout, expected)
-            .map_err(|why| FenceError::BadReply(self.exchange(op, &cmd, why)))
+        self.run(op, action, |out| parse::power_control(out, expected))
+            .await
     }
 
     async fn status(&self) -> Result<PowerState, FenceError> {
-        let (cmd, out) = self.run(Op::PowerStatus, "status").await?;
-        parse::power_status(&out.stdout)
-            .map_err(|why| FenceError::BadReply(self.exchange(Op::PowerStatus, &cmd, why)))
+        self.run(Op::PowerStatus, "status", parse::power_status)
+            .await
     }
 }
 
@@ -339,18 +307,8 @@ impl Fencer for IpmiFencer {
     async fn fence(&self, node: &NodeId) -> Result<FenceReceipt> {
         self.check_node(node)?;
         let off = self.control(Op::PowerOff, "off", "Down/Off").await;
-        let device = self.describe();
-        let at = read_back(
-            &device,
-            node,
-            Op::PowerOff,
-            PowerState::Off,
-            &self.device.timing,
-            off,
-            || self.status(),
-        )
-        .await?;
-        Ok(receipt(node, &device, at))
+        let t = &self.device.timing;
+        Ok(confirm_off(&self.describe(), node, t, off, || self.status()).await?)
     }
 
     async fn power_status(&self, node: &NodeId) -> Result<PowerState> {
@@ -361,17 +319,8 @@ impl Fencer for IpmiFencer {
     async fn unfence(&self, node: &NodeId) -> Result<()> {
         self.check_node(node)?;
         let on = self.control(Op::PowerOn, "on", "Up/On").await;
-        read_back(
-            &self.describe(),
-            node,
-            Op::PowerOn,
-            PowerState::On,
-            &self.device.timing,
-            on,
-            || self.status(),
-        )
-        .await?;
-        Ok(())
+        let t = &self.device.timing;
+        Ok(confirm_on(&self.describe(), node, t, on, || self.status()).await?)
     }
 }
 

@@ -40,7 +40,7 @@ use serde_json::json;
 use wspare_core::runner::{redact, Secret};
 use wspare_core::{FenceReceipt, FenceScope, Fencer, FencerCaps, NodeId, PowerState, Result};
 
-use crate::confirm::{read_back, receipt, Timing};
+use crate::confirm::{confirm_off, confirm_on, Timing};
 use crate::error::{Exchange, FenceError, Op};
 
 /// The session collection when the service root does not link one.
@@ -425,7 +425,7 @@ impl RedfishFencer {
     }
 
     /// Starts a call: logs in for session auth.
-    async fn open(&self, node: &NodeId, op: Op) -> Result<Auth, FenceError> {
+    async fn open(&self, node: &NodeId) -> Result<Auth, FenceError> {
         if self.device.auth == RedfishAuth::Basic {
             return Ok(Auth::Basic);
         }
@@ -456,7 +456,7 @@ impl RedfishFencer {
             .ok_or_else(|| {
                 FenceError::BadReply(self.exchange(
                     node,
-                    op,
+                    Op::Connect,
                     format!("POST {sessions}"),
                     &format!(
                         "session created without an X-Auth-Token header: {}",
@@ -499,51 +499,9 @@ impl RedfishFencer {
         if let Some(r) = self.resolved.lock().expect("resolved lock").get(node) {
             return Ok(r.clone());
         }
-        let bad = |asked: String, why: String| {
-            FenceError::BadReply(self.exchange(node, op, asked, &why, Some(auth)))
-        };
         let system = match self.system_ref(node)? {
-            SystemRef::Path(p) => {
-                let body = self.get_json(node, op, Some(auth), p).await?;
-                parse::system(&body).map_err(|why| bad(format!("GET {p}"), why))?
-            }
-            wanted => {
-                let root = self.root(node, op, Some(auth)).await?;
-                let body = self.get_json(node, op, Some(auth), &root.systems).await?;
-                let members = parse::members(&body)
-                    .map_err(|why| bad(format!("GET {}", root.systems), why))?;
-                let mut found = None;
-                let mut seen = Vec::new();
-                for m in &members {
-                    let body = self.get_json(node, op, Some(auth), m).await?;
-                    let s = parse::system(&body).map_err(|why| bad(format!("GET {m}"), why))?;
-                    let hit = match wanted {
-                        SystemRef::Named(n) => s.is_named(n),
-                        _ => members.len() == 1,
-                    };
-                    seen.push(s.name.clone().unwrap_or_else(|| s.id.clone()));
-                    if hit {
-                        found = Some(s);
-                        break;
-                    }
-                }
-                found.ok_or_else(|| {
-                    let what = match wanted {
-                        SystemRef::Named(n) => format!("no system named {n:?}"),
-                        _ => format!(
-                            "{} systems, so the node must name one (system = ...)",
-                            members.len()
-                        ),
-                    };
-                    FenceError::Misconfigured(self.exchange(
-                        node,
-                        op,
-                        format!("GET {}", root.systems),
-                        &format!("{what}; the service has: {}", seen.join(", ")),
-                        Some(auth),
-                    ))
-                })?
-            }
+            SystemRef::Path(p) => self.system(node, op, auth, p).await?,
+            wanted => self.find_system(node, op, auth, wanted).await?,
         };
         let reset_target = system.reset_target.clone().ok_or_else(|| {
             FenceError::Unsupported(self.exchange(
@@ -567,24 +525,70 @@ impl RedfishFencer {
         Ok(r)
     }
 
+    /// Walks the service's Systems collection for `wanted`: a system's name,
+    /// or the only system.
+    async fn find_system(
+        &self,
+        node: &NodeId,
+        op: Op,
+        auth: &Auth,
+        wanted: &SystemRef,
+    ) -> Result<parse::System, FenceError> {
+        let root = self.root(node, op, Some(auth)).await?;
+        let body = self.get_json(node, op, Some(auth), &root.systems).await?;
+        let members = parse::members(&body).map_err(|why| {
+            let asked = format!("GET {}", root.systems);
+            FenceError::BadReply(self.exchange(node, op, asked, &why, Some(auth)))
+        })?;
+        let mut seen = Vec::new();
+        for m in &members {
+            let s = self.system(node, op, auth, m).await?;
+            let hit = match wanted {
+                SystemRef::Named(n) => s.is_named(n),
+                _ => members.len() == 1,
+            };
+            if hit {
+                return Ok(s);
+            }
+            seen.push(s.name.unwrap_or(s.id));
+        }
+        let what = match wanted {
+            SystemRef::Named(n) => format!("no system named {n:?}"),
+            _ => format!(
+                "{} systems, so the node must name one (system = ...)",
+                members.len()
+            ),
+        };
+        Err(FenceError::Misconfigured(self.exchange(
+            node,
+            op,
+            format!("GET {}", root.systems),
+            &format!("{what}; the service has: {}", seen.join(", ")),
+            Some(auth),
+        )))
+    }
+
+    /// Reads the system at `path`.
+    async fn system(
+        &self,
+        node: &NodeId,
+        op: Op,
+        auth: &Auth,
+        path: &str,
+    ) -> Result<parse::System, FenceError> {
+        let body = self.get_json(node, op, Some(auth), path).await?;
+        parse::system(&body).map_err(|why| {
+            FenceError::BadReply(self.exchange(node, op, format!("GET {path}"), &why, Some(auth)))
+        })
+    }
+
     async fn read_power(
         &self,
         node: &NodeId,
         auth: &Auth,
         path: &str,
     ) -> Result<PowerState, FenceError> {
-        let body = self
-            .get_json(node, Op::PowerStatus, Some(auth), path)
-            .await?;
-        parse::system(&body).map(|s| s.power).map_err(|why| {
-            FenceError::BadReply(self.exchange(
-                node,
-                Op::PowerStatus,
-                format!("GET {path}"),
-                &why,
-                Some(auth),
-            ))
-        })
+        Ok(self.system(node, Op::PowerStatus, auth, path).await?.power)
     }
 
     async fn reset(
@@ -619,35 +623,16 @@ impl RedfishFencer {
             )));
         }
         let off = self.reset(node, Op::PowerOff, auth, &sys, "ForceOff").await;
-        let device = self.describe();
-        let at = read_back(
-            &device,
-            node,
-            Op::PowerOff,
-            PowerState::Off,
-            &self.device.timing,
-            off,
-            || self.read_power(node, auth, &sys.path),
-        )
-        .await?;
-        Ok(receipt(node, &device, at))
+        let status = || self.read_power(node, auth, &sys.path);
+        confirm_off(&self.describe(), node, &self.device.timing, off, status).await
     }
 
     async fn unfence_in(&self, node: &NodeId, auth: &Auth) -> Result<(), FenceError> {
         let sys = self.resolve(node, Op::PowerOn, auth).await?;
         let kind = if sys.allows_on { "On" } else { "ForceOn" };
         let on = self.reset(node, Op::PowerOn, auth, &sys, kind).await;
-        read_back(
-            &self.describe(),
-            node,
-            Op::PowerOn,
-            PowerState::On,
-            &self.device.timing,
-            on,
-            || self.read_power(node, auth, &sys.path),
-        )
-        .await
-        .map(|_| ())
+        let status = || self.read_power(node, auth, &sys.path);
+        confirm_on(&self.describe(), node, &self.device.timing, on, status).await
     }
 
     async fn status_in(&self, node: &NodeId, auth: &Auth) -> Result<PowerState, FenceError> {
@@ -675,7 +660,7 @@ impl Fencer for RedfishFencer {
 
     async fn fence(&self, node: &NodeId) -> Result<FenceReceipt> {
         self.system_ref(node)?;
-        let auth = self.open(node, Op::PowerOff).await?;
+        let auth = self.open(node).await?;
         let r = self.fence_in(node, &auth).await;
         self.close(node, auth).await;
         Ok(r?)
@@ -683,7 +668,7 @@ impl Fencer for RedfishFencer {
 
     async fn power_status(&self, node: &NodeId) -> Result<PowerState> {
         self.system_ref(node)?;
-        let auth = self.open(node, Op::PowerStatus).await?;
+        let auth = self.open(node).await?;
         let r = self.status_in(node, &auth).await;
         self.close(node, auth).await;
         Ok(r?)
@@ -691,7 +676,7 @@ impl Fencer for RedfishFencer {
 
     async fn unfence(&self, node: &NodeId) -> Result<()> {
         self.system_ref(node)?;
-        let auth = self.open(node, Op::PowerOn).await?;
+        let auth = self.open(node).await?;
         let r = self.unfence_in(node, &auth).await;
         self.close(node, auth).await;
         Ok(r?)

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use wspare_core::runner::{CommandError, CommandRunner, LineSink, LocalRunner, Output};
-use wspare_core::PowerState;
+use wspare_core::{Fencer, NodeId, PowerState};
+use wspare_testkit::suite::fencer::{FencerEnv, FencerVariant};
 
 pub(crate) const URI: &str = "qemu:///system";
 /// The password the test BMCs accept.
@@ -24,6 +25,73 @@ pub(crate) const PASSWORD: &str = "fence-test-pw-1";
 /// A password they refuse.
 pub(crate) const WRONG_PASSWORD: &str = "wrong-pw-2f9c";
 pub(crate) const USER: &str = "admin";
+
+/// The node every fixture fences.
+pub(crate) fn node() -> NodeId {
+    NodeId::new("node-a").unwrap()
+}
+
+/// The password a conformance fixture configures: the refused one for
+/// [`FencerVariant::WrongCredentials`].
+pub(crate) fn password_for(variant: FencerVariant) -> &'static str {
+    if variant == FencerVariant::WrongCredentials {
+        WRONG_PASSWORD
+    } else {
+        PASSWORD
+    }
+}
+
+/// Whatever serves (or plays dead for) a fence device; kept for its `Drop`.
+pub(crate) type Server = Box<dyn std::any::Any + Send + Sync>;
+
+/// The BMC a conformance variant needs for `domain`, and its UDP port:
+/// virtualbmc, the stuck BMC, or a socket that never answers.
+pub(crate) fn ipmi_server(domain: &Domain, variant: FencerVariant) -> (Server, u16) {
+    match variant {
+        FencerVariant::Normal | FencerVariant::WrongCredentials => {
+            let b = Vbmc::add(domain);
+            let p = b.port;
+            (Box::new(b), p)
+        }
+        FencerVariant::StuckOn => {
+            let (g, p) = stuck_bmc(domain);
+            (Box::new(g), p)
+        }
+        FencerVariant::DeadDevice => {
+            let (s, p) = silent_udp();
+            (Box::new(s), p)
+        }
+    }
+}
+
+/// A conformance environment: a fencer of [`node`], its device's server
+/// and the domain that is the node (the ground truth). Dropped in order:
+/// the server, then the domain.
+pub(crate) struct Env {
+    pub(crate) fencer: Arc<dyn Fencer>,
+    pub(crate) secret: &'static str,
+    pub(crate) server: Server,
+    pub(crate) domain: Domain,
+}
+
+#[async_trait]
+impl FencerEnv for Env {
+    fn fencer(&self) -> Arc<dyn Fencer> {
+        self.fencer.clone()
+    }
+    fn node(&self) -> NodeId {
+        node()
+    }
+    fn unknown_node(&self) -> NodeId {
+        NodeId::new("node-z").unwrap()
+    }
+    async fn true_power(&self) -> wspare_core::Result<PowerState> {
+        self.domain.power().map_err(wspare_core::Error::invalid)
+    }
+    fn secret(&self) -> Option<String> {
+        Some(self.secret.to_string())
+    }
+}
 
 pub(crate) fn venv() -> PathBuf {
     PathBuf::from(std::env::var("WSPARE_VENV").unwrap_or_else(|_| "/opt/wspare-venv".into()))
