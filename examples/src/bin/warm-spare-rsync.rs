@@ -79,8 +79,8 @@ struct Args {
     #[arg(long)]
     spare_uri: Option<String>,
     /// `<domain type>` for the spare's definition: kvm, or qemu (TCG).
-    #[arg(long, default_value = "kvm")]
-    domain_type: String,
+    #[arg(long, value_enum, default_value_t = Domain::Kvm)]
+    domain_type: Domain,
     /// Serial consoles of defined VMs go to `<dir>/<vm>.console.log`
     /// (`{node}` as in `--dir`).
     #[arg(long)]
@@ -96,6 +96,12 @@ struct Args {
     ssh_option: Vec<String>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Domain {
+    Kvm,
+    Qemu,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -150,14 +156,16 @@ struct Host {
     endpoint: Endpoint,
 }
 
-fn host(a: &Args, dest: &str, local: bool, uri: &Option<String>) -> Result<Host> {
-    let mut ssh = SshTarget::new(dest)?;
+/// The host at ssh destination `dest`, given as `--{flag}`.
+fn host(a: &Args, flag: &str, dest: &str, local: bool, uri: &Option<String>) -> Result<Host> {
+    let mut ssh = SshTarget::new(dest).with_context(|| format!("--{flag} {dest}"))?;
     ssh.identity = a.ssh_key.clone();
     ssh.port = a.ssh_port;
     ssh.options = vec!["StrictHostKeyChecking=yes".into()];
     ssh.options.extend(a.ssh_option.iter().cloned());
     // The node is named after the host part of the destination.
-    let node = NodeId::new(dest.rsplit('@').next().unwrap_or(dest).replace(':', "-"))?;
+    let node = NodeId::new(dest.rsplit('@').next().unwrap_or(dest).replace(':', "-"))
+        .with_context(|| format!("--{flag} {dest}: the host part names the node"))?;
     let runner: Arc<dyn CommandRunner> = if local {
         Arc::new(LocalRunner)
     } else {
@@ -174,16 +182,17 @@ fn host(a: &Args, dest: &str, local: bool, uri: &Option<String>) -> Result<Host>
             u
         }
     });
-    let mut cfg = LibvirtConfig::new(uri);
-    cfg.domain_type = Some(match a.domain_type.as_str() {
-        "kvm" => DomainType::Kvm,
-        "qemu" => DomainType::Qemu,
-        other => bail!("--domain-type {other}: expected kvm or qemu"),
+    let mut cfg = LibvirtConfig::new(&uri);
+    cfg.domain_type = Some(match a.domain_type {
+        Domain::Kvm => DomainType::Kvm,
+        Domain::Qemu => DomainType::Qemu,
     });
     cfg.console_log_dir = a.console_log_dir.as_ref().map(|d| subst(d, &node));
     cfg.guest_agent = false;
+    let hv = LibvirtHypervisor::new(cfg)
+        .with_context(|| format!("{node}'s libvirt at {uri} (see --{flag}-uri)"))?;
     Ok(Host {
-        hv: Arc::new(LibvirtHypervisor::new(cfg)?),
+        hv: Arc::new(hv),
         endpoint: Endpoint::new(node.clone(), runner, Reach::Ssh(ssh), subst(&a.dir, &node)),
         node,
     })
@@ -268,6 +277,38 @@ async fn sync(vm: &VmName, src: &Host, tgt: &Host) -> Result<Generation> {
     Ok(info.generation)
 }
 
+/// The VM starts on `tgt` from generation `g` of `rep`'s copy there (defined
+/// as `spec` on the promoted images), and replication reverses: `tgt` is
+/// the source from now on.
+async fn start_from_copy(
+    rep: &RsyncReplicator,
+    tgt: &Host,
+    spec: VmSpec,
+    g: Generation,
+) -> Result<()> {
+    let vm = spec.name.clone();
+    let promoted = rep
+        .promote(g)
+        .await
+        .with_context(|| format!("promoting {g} on {}", tgt.node))?;
+    tgt.hv
+        .define(&with_disks(spec, promoted.disks)?)
+        .await
+        .with_context(|| format!("defining {vm} on {} on the promoted {g}", tgt.node))?;
+    tgt.hv.start(&vm).await.with_context(|| {
+        format!(
+            "starting {vm} on {} (defined there on the promoted {g})",
+            tgt.node
+        )
+    })?;
+    rep.reverse().await.with_context(|| {
+        format!(
+            "{vm} runs on {} from {g}, but reversing the replication failed: the manifests do not name {} the source yet",
+            tgt.node, tgt.node
+        )
+    })
+}
+
 /// `spec` with its disks' images replaced by `disks` (matched by slot).
 fn with_disks(mut spec: VmSpec, disks: Vec<wspare_core::DiskSpec>) -> Result<VmSpec> {
     for d in &mut spec.disks {
@@ -281,8 +322,14 @@ fn with_disks(mut spec: VmSpec, disks: Vec<wspare_core::DiskSpec>) -> Result<VmS
 }
 
 async fn run(a: Args) -> Result<()> {
-    let primary = host(&a, &a.primary, a.local == Local::Primary, &a.primary_uri)?;
-    let spare = host(&a, &a.spare, a.local == Local::Spare, &a.spare_uri)?;
+    let primary = host(
+        &a,
+        "primary",
+        &a.primary,
+        a.local == Local::Primary,
+        &a.primary_uri,
+    )?;
+    let spare = host(&a, "spare", &a.spare, a.local == Local::Spare, &a.spare_uri)?;
     let vm = a.vm.clone();
     match a.cmd {
         Cmd::Run { interval } => loop {
@@ -296,7 +343,9 @@ async fn run(a: Args) -> Result<()> {
         },
         Cmd::Sync => {
             let (src, tgt) = direction(&primary, &spare).await;
-            let g = sync(&vm, src, tgt).await?;
+            let g = sync(&vm, src, tgt)
+                .await
+                .with_context(|| format!("{vm}: sync {} -> {}", src.node, tgt.node))?;
             println!("{vm}: {g} complete on {}", tgt.node);
         }
         Cmd::Status => {
@@ -366,22 +415,22 @@ async fn run(a: Args) -> Result<()> {
                     rep.status()
                         .await?
                         .newest
-                        .ok_or_else(|| anyhow!("no complete copy on {}", tgt.node))?
+                        .ok_or_else(|| {
+                            anyhow!(
+                                "no complete copy of {vm} on {}: nothing to start from (has a `sync` ever completed?)",
+                                tgt.node
+                            )
+                        })?
                         .generation
                 }
             };
-            let promoted = rep.promote(g).await?;
             let spec = match tgt.hv.spec(&vm).await {
                 Ok(s) => s,
-                Err(_) => src
-                    .hv
-                    .spec(&vm)
-                    .await
-                    .context("no definition of the VM on either host")?,
+                Err(_) => src.hv.spec(&vm).await.with_context(|| {
+                    format!("no definition of {vm} on {} or {}", tgt.node, src.node)
+                })?,
             };
-            tgt.hv.define(&with_disks(spec, promoted.disks)?).await?;
-            tgt.hv.start(&vm).await?;
-            rep.reverse().await?;
+            start_from_copy(&rep, tgt, spec, g).await?;
             println!(
                 "{vm} runs on {} from {g}; replication now {} -> {}",
                 tgt.node, tgt.node, src.node
@@ -396,8 +445,16 @@ async fn run(a: Args) -> Result<()> {
                 );
             }
             // Stop, copy the stopped disks, check the copy against them.
-            src.hv.shutdown(&vm, shutdown_timeout).await?;
-            let g = sync(&vm, src, tgt).await?;
+            src.hv
+                .shutdown(&vm, shutdown_timeout)
+                .await
+                .with_context(|| format!("shutting {vm} down on {}", src.node))?;
+            let g = sync(&vm, src, tgt).await.with_context(|| {
+                format!(
+                    "the final copy {} -> {} ({vm} is stopped on {}: start it again there, or retry failback)",
+                    src.node, tgt.node, src.node
+                )
+            })?;
             let rep = replicator(&vm, src, tgt)?;
             let spec = src.hv.spec(&vm).await?;
             rep.verify(
@@ -407,11 +464,14 @@ async fn run(a: Args) -> Result<()> {
                     at: UnixMillis::now(),
                 },
             )
-            .await?;
-            let promoted = rep.promote(g).await?;
-            tgt.hv.define(&with_disks(spec, promoted.disks)?).await?;
-            tgt.hv.start(&vm).await?;
-            rep.reverse().await?;
+            .await
+            .with_context(|| {
+                format!(
+                    "verifying {g} on {} against the stopped {vm} on {}",
+                    tgt.node, src.node
+                )
+            })?;
+            start_from_copy(&rep, tgt, spec, g).await?;
             println!(
                 "{vm} runs on {} again from {g} (verified); replication {} -> {}",
                 tgt.node, tgt.node, src.node

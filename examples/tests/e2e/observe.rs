@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use wspare_core::{Hypervisor, VmName, VmState};
 use wspare_libvirt::{LibvirtConfig, LibvirtHypervisor};
-use wspare_rsync::manifest::{Manifest, MANIFEST};
+use wspare_rsync::manifest::{slot_file, Manifest, MANIFEST};
 
 /// One look at both copies of one VM.
 #[derive(Clone, Debug)]
@@ -139,7 +139,7 @@ impl Snooper {
                         if m.promoted == Some(g.slot) {
                             continue;
                         }
-                        let file = dir.join(format!("slot-{}", g.slot)).join(&g.disks[0].file);
+                        let file = slot_file(dir, g.slot, &g.disks[0].file);
                         if let Ok(c) = wspare_testkit::guest::read_counter(&file) {
                             s.lock().unwrap().insert(key, c);
                         }

@@ -777,35 +777,25 @@ poll-interval = "500ms"
                 user = IPMI_USER,
             ));
         }
-        t.push_str(&format!(
-            r#"
+        // web runs on a, db on b: each host is a primary and a spare.
+        for (vm, primary, spare) in [("web", "node-a", "node-b"), ("db", "node-b", "node-a")] {
+            t.push_str(&format!(
+                r#"
 [[pair]]
-name = "web"
-vm = "web"
-primary = "node-a"
-spare = "node-b"
+name = "{vm}"
+vm = "{vm}"
+primary = "{primary}"
+spare = "{spare}"
 
 [pair.replication]
 type = "rsync"
-dir = "{d}/{{node}}/replica/web"
-command-timeout = "15s"
-io-timeout = "30s"
-transfer-timeout = "120s"
-
-[[pair]]
-name = "db"
-vm = "db"
-primary = "node-b"
-spare = "node-a"
-
-[pair.replication]
-type = "rsync"
-dir = "{d}/{{node}}/replica/db"
+dir = "{d}/{{node}}/replica/{vm}"
 command-timeout = "15s"
 io-timeout = "30s"
 transfer-timeout = "120s"
 "#
-        ));
+            ));
+        }
         t
     }
 

@@ -107,11 +107,7 @@ fn semantic(text: &str, path: &Path, r: &mut Report) {
         Ok(d) => {
             r.warnings.extend(d.warnings.clone());
             if let Err(e) = crate::fencing::topology(&d.nodes, &core) {
-                r.errors.push(ConfigError {
-                    field: e.0,
-                    line: None,
-                    message: e.1,
-                });
+                r.errors.push(e);
             }
             if r.errors.is_empty() {
                 r.summary = Some(format!(
@@ -223,22 +219,30 @@ impl Checker<'_> {
         }
     }
 
+    /// The table under `key` of `parent` (at `path`, named `label`), with
+    /// its own path and label; an error if it is there but not a table.
+    fn sub<'t>(
+        &mut self,
+        parent: &'t toml::Table,
+        key: &str,
+        path: &str,
+        label: &str,
+    ) -> Option<(&'t toml::Table, String, String)> {
+        let (p, l) = (join(path, key), join(label, key));
+        let t = self.table(parent.get(key)?, &p, &l)?;
+        Some((t, p, l))
+    }
+
     fn structure(&mut self, doc: &toml::Table) {
         self.keys::<TopProbe>(doc, "", "");
-        if let Some(v) = doc.get("cluster") {
-            if let Some(t) = self.table(v, "cluster", "cluster") {
-                self.keys::<ClusterConfig>(t, "cluster", "cluster");
-            }
+        if let Some((t, p, l)) = self.sub(doc, "cluster", "", "") {
+            self.keys::<ClusterConfig>(t, &p, &l);
         }
-        if let Some(v) = doc.get("defaults") {
-            if let Some(t) = self.table(v, "defaults", "defaults") {
-                self.policy(t, "defaults", "defaults");
-            }
+        if let Some((t, p, l)) = self.sub(doc, "defaults", "", "") {
+            self.policy(t, &p, &l);
         }
-        if let Some(v) = doc.get("agent") {
-            if let Some(t) = self.table(v, "agent", "agent") {
-                self.agent(t);
-            }
+        if let Some((t, p, l)) = self.sub(doc, "agent", "", "") {
+            self.agent(t, &p, &l);
         }
         let nodes = array_of_tables(doc.get("node"));
         let mut names = Vec::new();
@@ -259,12 +263,8 @@ impl Checker<'_> {
                 &label,
                 "every node needs it",
             );
-            if let Some(v) = n.get("hypervisor") {
-                let p = format!("{path}.hypervisor");
-                let l = format!("{label}.hypervisor");
-                if let Some(t) = self.table(v, &p, &l) {
-                    self.hypervisor(t, &p, &l);
-                }
+            if let Some((t, p, l)) = self.sub(n, "hypervisor", &path, &label) {
+                self.hypervisor(t, &p, &l);
             }
             if let Some(v) = n.get("fence") {
                 self.fence(v, &format!("{path}.fence"), &format!("{label}.fence"));
@@ -308,19 +308,11 @@ impl Checker<'_> {
                     }
                 }
             }
-            if let Some(v) = p.get("policy") {
-                let pp = format!("{path}.policy");
-                let l = format!("{label}.policy");
-                if let Some(t) = self.table(v, &pp, &l) {
-                    self.policy(t, &pp, &l);
-                }
+            if let Some((t, pp, l)) = self.sub(p, "policy", &path, &label) {
+                self.policy(t, &pp, &l);
             }
-            if let Some(v) = p.get("replication") {
-                let pp = format!("{path}.replication");
-                let l = format!("{label}.replication");
-                if let Some(t) = self.table(v, &pp, &l) {
-                    self.replication(t, &pp, &l);
-                }
+            if let Some((t, pp, l)) = self.sub(p, "replication", &path, &label) {
+                self.replication(t, &pp, &l);
             }
         }
     }
@@ -329,65 +321,41 @@ impl Checker<'_> {
         let mut plain = t.clone();
         plain.remove("detector");
         self.keys::<Policy>(&plain, path, label);
-        if let Some(v) = t.get("detector") {
-            let p = format!("{path}.detector");
-            let l = format!("{label}.detector");
-            if let Some(d) = self.table(v, &p, &l) {
-                self.keys::<DetectorConfig>(d, &p, &l);
-            }
+        if let Some((d, p, l)) = self.sub(t, "detector", path, label) {
+            self.keys::<DetectorConfig>(d, &p, &l);
         }
     }
 
-    fn agent(&mut self, t: &toml::Table) {
+    fn agent(&mut self, t: &toml::Table, path: &str, label: &str) {
         let mut plain = t.clone();
         for k in ["ssh", "witness", "deadlines"] {
             plain.remove(k);
         }
-        self.keys::<AgentSection>(&plain, "agent", "agent");
-        self.required(
-            t,
-            &["key-file"],
-            "agent",
-            "agent",
-            "the shared heartbeat key",
-        );
-        if let Some(v) = t.get("ssh") {
-            if let Some(s) = self.table(v, "agent.ssh", "agent.ssh") {
-                let mut plain = s.clone();
-                plain.remove("hosts");
-                self.keys::<SshSection>(&plain, "agent.ssh", "agent.ssh");
-                if let Some(h) = s.get("hosts") {
-                    if let Some(h) = self.table(h, "agent.ssh.hosts", "agent.ssh.hosts") {
-                        for (k, v) in h {
-                            if !v.is_str() {
-                                self.err(
-                                    "agent.ssh.hosts",
-                                    Some(k),
-                                    format!("agent.ssh.hosts.{k}"),
-                                    format!("expected a host name, found {}", v.type_str()),
-                                );
-                            }
-                        }
+        self.keys::<AgentSection>(&plain, path, label);
+        self.required(t, &["key-file"], path, label, "the shared heartbeat key");
+        if let Some((s, p, l)) = self.sub(t, "ssh", path, label) {
+            let mut plain = s.clone();
+            plain.remove("hosts");
+            self.keys::<SshSection>(&plain, &p, &l);
+            if let Some((h, p, l)) = self.sub(s, "hosts", &p, &l) {
+                for (k, v) in h {
+                    if !v.is_str() {
+                        self.err(
+                            &p,
+                            Some(k),
+                            join(&l, k),
+                            format!("expected a host name, found {}", v.type_str()),
+                        );
                     }
                 }
             }
         }
-        if let Some(v) = t.get("witness") {
-            if let Some(w) = self.table(v, "agent.witness", "agent.witness") {
-                self.keys::<WitnessSection>(w, "agent.witness", "agent.witness");
-                self.required(
-                    w,
-                    &["command"],
-                    "agent.witness",
-                    "agent.witness",
-                    "the witness's argv",
-                );
-            }
+        if let Some((w, p, l)) = self.sub(t, "witness", path, label) {
+            self.keys::<WitnessSection>(w, &p, &l);
+            self.required(w, &["command"], &p, &l, "the witness's argv");
         }
-        if let Some(v) = t.get("deadlines") {
-            if let Some(d) = self.table(v, "agent.deadlines", "agent.deadlines") {
-                self.keys::<Deadlines>(d, "agent.deadlines", "agent.deadlines");
-            }
+        if let Some((d, p, l)) = self.sub(t, "deadlines", path, label) {
+            self.keys::<Deadlines>(d, &p, &l);
         }
     }
 

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -213,8 +213,22 @@ fn cmd_name(c: &Command) -> &'static str {
     }
 }
 
-async fn status_of(rt: &Runtime, pair: &PairId) -> Option<PairStatus> {
+fn status_of(rt: &Runtime, pair: &PairId) -> Option<PairStatus> {
     rt.handle.status().borrow().get(pair).cloned()
+}
+
+/// `pair` is not one of this node's.
+fn not_here(rt: &Runtime, pair: &PairId) -> Response {
+    let here: Vec<String> = rt.pairs().iter().map(|p| p.to_string()).collect();
+    Response::err(format!(
+        "pair {pair} does not run on {} (pairs here: {}); see `wspare-agent status`",
+        rt.settings.local,
+        if here.is_empty() {
+            "none".into()
+        } else {
+            here.join(", ")
+        }
+    ))
 }
 
 /// Sends `cmd` to `pair`'s machine, first checking that this node is the
@@ -222,24 +236,12 @@ async fn status_of(rt: &Runtime, pair: &PairId) -> Option<PairStatus> {
 async fn command(rt: &Runtime, pair: &PairId, cmd: Command) -> Response {
     let local = &rt.settings.local;
     let name = cmd_name(&cmd);
-    let Some(st) = status_of(rt, pair).await else {
-        let here: Vec<String> = rt.pairs().iter().map(|p| p.to_string()).collect();
-        return Response::err(format!(
-            "pair {pair} does not run on {local} (pairs here: {})",
-            if here.is_empty() {
-                "none".into()
-            } else {
-                here.join(", ")
-            }
-        ));
+    let (Some(st), Some(p)) = (
+        status_of(rt, pair),
+        rt.settings.local_pairs().find(|p| p.name == *pair),
+    ) else {
+        return not_here(rt, pair);
     };
-    let peer = rt.settings.pairs.iter().find(|p| p.name == *pair).map(|p| {
-        if p.primary == *local {
-            p.spare.clone()
-        } else {
-            p.primary.clone()
-        }
-    });
     match &cmd {
         Command::Switchover | Command::Failback if st.active != *local => {
             return Response::err(format!(
@@ -248,9 +250,7 @@ async fn command(rt: &Runtime, pair: &PairId, cmd: Command) -> Response {
             ));
         }
         Command::TestFailover { .. } | Command::EndTest if st.active == *local => {
-            let spare = peer
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| "the spare".into());
+            let spare = p.peer_of(local);
             return Response::err(format!(
                 "pair {pair}: {name} runs on the spare node, {spare}, not on the active {local}: run `wspare-agent {name} {pair}` on {spare}"
             ));
@@ -277,7 +277,7 @@ async fn handle(req: Request, agent: &Agent) -> Response {
     };
     match req {
         Request::Status => {
-            let data = status_data(agent, &rt).await;
+            let data = status_data(agent, &rt);
             Response {
                 ok: true,
                 message: String::new(),
@@ -310,9 +310,7 @@ async fn handle(req: Request, agent: &Agent) -> Response {
             let mut lines = Vec::new();
             let mut ok = true;
             for p in &pairs {
-                let already = status_of(&rt, p)
-                    .await
-                    .is_some_and(|st| st.maintenance == on);
+                let already = status_of(&rt, p).is_some_and(|st| st.maintenance == on);
                 if already {
                     let state = if on { "on" } else { "off" };
                     lines.push(format!("pair {p}: maintenance is already {state}"));
@@ -350,7 +348,16 @@ async fn handle(req: Request, agent: &Agent) -> Response {
                 .map(|p| p.name.clone())
                 .collect();
             if pairs.is_empty() {
-                return Response::err(format!("{node} shares no pair with {local}"));
+                let peers: Vec<String> =
+                    rt.settings.peers().iter().map(|p| p.to_string()).collect();
+                return Response::err(format!(
+                    "node {node} shares no pair with {local}; confirm-down names a peer of this node ({})",
+                    if peers.is_empty() {
+                        "it has none".into()
+                    } else {
+                        peers.join(", ")
+                    }
+                ));
             }
             tracing::warn!(%node, "operator confirms the node is down");
             let mut lines = Vec::new();
@@ -368,10 +375,10 @@ async fn handle(req: Request, agent: &Agent) -> Response {
             }
         }
         Request::Explain { pair } => {
-            let status = status_of(&rt, &pair).await;
+            let status = status_of(&rt, &pair);
             let events = agent.history.get(&pair);
             if status.is_none() && events.is_empty() {
-                return Response::err(format!("pair {pair} does not run on {}", rt.settings.local));
+                return not_here(&rt, &pair);
             }
             Response {
                 ok: true,
@@ -382,7 +389,7 @@ async fn handle(req: Request, agent: &Agent) -> Response {
     }
 }
 
-async fn status_data(agent: &Agent, rt: &Runtime) -> StatusData {
+fn status_data(agent: &Agent, rt: &Runtime) -> StatusData {
     let s = &rt.settings;
     let local = &s.local;
     let statuses = rt.handle.status().borrow().clone();
@@ -390,14 +397,9 @@ async fn status_data(agent: &Agent, rt: &Runtime) -> StatusData {
         .local_pairs()
         .filter_map(|p| {
             let st = statuses.get(&p.name)?.clone();
-            let peer = if p.primary == *local {
-                p.spare.clone()
-            } else {
-                p.primary.clone()
-            };
             Some(PairRow {
                 vm: p.vm.to_string(),
-                peer,
+                peer: p.peer_of(local).clone(),
                 role: if st.active == *local {
                     "active"
                 } else {
@@ -448,11 +450,13 @@ async fn status_data(agent: &Agent, rt: &Runtime) -> StatusData {
 
 /// Sends one request to the agent at `socket`.
 pub(crate) async fn call(socket: &Path, req: &Request) -> Result<Response> {
-    let stream = UnixStream::connect(socket).await.with_context(|| {
-        format!(
-            "cannot reach the agent at {} (is it running on this node? see --socket, --node)",
-            socket.display()
-        )
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            "the socket is root's (mode 0600): run this as root"
+        } else {
+            "is the agent running on this node? The socket is [agent] control-socket; see --socket, --node"
+        };
+        anyhow!("cannot reach the agent at {}: {e} ({hint})", socket.display())
     })?;
     let (r, mut w) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use wspare_core::config::Config;
+use wspare_core::config::{Config, ConfigError};
 use wspare_core::runner::LocalRunner;
 use wspare_core::{FenceReceipt, Fencer, FencerCaps, NodeId, PowerState, Result};
 use wspare_fence::config::{DeviceRef, FenceConfig, NodeConfig};
@@ -27,11 +27,11 @@ fn device_name(node: &NodeId, i: usize, levels: usize) -> String {
 }
 
 /// Builds the fencing topology of every node (ipmitool and fence agents
-/// run here). The error is (field, message) in the agent config's terms.
+/// run here). The error names the field in the agent config's terms.
 pub(crate) fn topology(
     nodes: &BTreeMap<NodeId, NodeSettings>,
     core: &Config,
-) -> std::result::Result<Topology, (String, String)> {
+) -> std::result::Result<Topology, ConfigError> {
     let mut fc = FenceConfig {
         devices: BTreeMap::new(),
         nodes: BTreeMap::new(),
@@ -56,9 +56,16 @@ pub(crate) fn topology(
             },
         );
     }
-    fc.build(Arc::new(LocalRunner)).map_err(|e| match e {
-        FenceError::Config { field, why } => (config_field(&field), why),
-        other => ("fence".into(), other.to_string()),
+    fc.build(Arc::new(LocalRunner)).map_err(|e| {
+        let (field, message) = match e {
+            FenceError::Config { field, why } => (config_field(&field), why),
+            other => ("fence".into(), other.to_string()),
+        };
+        ConfigError {
+            field,
+            line: None,
+            message,
+        }
     })
 }
 

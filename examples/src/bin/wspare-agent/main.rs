@@ -52,7 +52,7 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
-use wspare_core::config::Config;
+use wspare_core::config::{Config, ConfigErrors};
 use wspare_core::{NodeId, PairId, UnixMillis};
 
 use crate::control::{ExplainData, Request, StatusData};
@@ -161,31 +161,46 @@ fn init_logs(format: LogFormat) {
     }
 }
 
+impl Cli {
+    /// `--node`, else `$WSPARE_NODE`.
+    fn node_arg(&self) -> Result<Option<NodeId>> {
+        match self
+            .node
+            .clone()
+            .or_else(|| std::env::var("WSPARE_NODE").ok())
+        {
+            Some(n) => Ok(Some(NodeId::new(n).map_err(|e| anyhow!("--node: {e}"))?)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Which node this is: `--node`, `$WSPARE_NODE`, else the host name if a
 /// node is named so.
-fn local_node(cli: &Cli, core: Option<&Config>) -> Result<NodeId> {
-    if let Some(n) = cli
-        .node
-        .clone()
-        .or_else(|| std::env::var("WSPARE_NODE").ok())
-    {
-        return NodeId::new(n).map_err(|e| anyhow!("--node: {e}"));
+fn local_node(cli: &Cli, core: &Config) -> Result<NodeId> {
+    if let Some(n) = cli.node_arg()? {
+        return Ok(n);
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap_or_default()
         .trim()
         .to_string();
-    if let Some(c) = core {
-        if let Some(n) = c.nodes.iter().find(|n| n.name.get_ref().as_str() == host) {
-            return Ok(n.name.get_ref().clone());
-        }
-        let names: Vec<&str> = c.nodes.iter().map(|n| n.name.get_ref().as_str()).collect();
-        bail!(
-            "which node is this? No node is named like this host ({host:?}); pass --node with one of: {}",
-            names.join(", ")
-        );
+    if let Some(n) = core
+        .nodes
+        .iter()
+        .find(|n| n.name.get_ref().as_str() == host)
+    {
+        return Ok(n.name.get_ref().clone());
     }
-    bail!("which node is this? pass --node (or set WSPARE_NODE)")
+    let names: Vec<&str> = core
+        .nodes
+        .iter()
+        .map(|n| n.name.get_ref().as_str())
+        .collect();
+    bail!(
+        "which node is this? No node is named like this host ({host:?}); pass --node with one of: {}",
+        names.join(", ")
+    )
 }
 
 fn main() -> ExitCode {
@@ -299,9 +314,9 @@ async fn client(cli: &Cli) -> Result<ExitCode> {
 /// agent while the file holds an error the agent refused at a reload: only
 /// `[agent] control-socket` and the node names are read then.
 fn socket_from_config(cli: &Cli) -> Result<PathBuf> {
-    if let Ok(core) = Config::load(&cli.config) {
-        let local = local_node(cli, Some(&core))?;
-        if let Ok(s) = Settings::load(&cli.config, &local) {
+    if let Ok((core, text)) = settings::read(&cli.config) {
+        let local = local_node(cli, &core)?;
+        if let Ok(s) = Settings::from_core(core, &text, &cli.config, &local) {
             return Ok(s.socket());
         }
     }
@@ -314,18 +329,12 @@ fn socket_from_config(cli: &Cli) -> Result<PathBuf> {
             e.message().trim()
         )
     })?;
-    let local = match cli
-        .node
-        .clone()
-        .or_else(|| std::env::var("WSPARE_NODE").ok())
-    {
-        Some(n) => n,
-        None => bail!(
+    let Some(local) = cli.node_arg()? else {
+        bail!(
             "{} does not load; pass --node (or --socket) to reach the agent",
             cli.config.display()
-        ),
+        );
     };
-    let local = NodeId::new(local).map_err(|e| anyhow!("--node: {e}"))?;
     let path = doc
         .get("agent")
         .and_then(|a| a.get("control-socket"))
@@ -334,10 +343,19 @@ fn socket_from_config(cli: &Cli) -> Result<PathBuf> {
     Ok(settings::subst(Path::new(path), &local))
 }
 
+/// A config that does not load, for the log or `status`: every error, and
+/// where to see them all (the loader stops at the first structural one).
+fn config_error(e: ConfigErrors, path: &Path) -> anyhow::Error {
+    anyhow!(
+        "{e}\n  (`wspare-agent check-config {}` lists every error with its line)",
+        path.display()
+    )
+}
+
 /// Loads and checks the config for `local`: the core's validation, the
 /// backend tables, with every error.
 fn load_settings(path: &Path, local: &NodeId) -> Result<Settings> {
-    let s = Settings::load(path, local).map_err(|e| anyhow!("{e}"))?;
+    let s = Settings::load(path, local).map_err(|e| config_error(e, path))?;
     for w in &s.warnings {
         tracing::warn!("config: {w}");
     }
@@ -346,8 +364,8 @@ fn load_settings(path: &Path, local: &NodeId) -> Result<Settings> {
 
 async fn run_daemon(cli: &Cli) -> Result<ExitCode> {
     let notifier = notify::Notifier::from_env();
-    let core = Config::load(&cli.config).map_err(|e| anyhow!("{e}"))?;
-    let local = local_node(cli, Some(&core))?;
+    let (core, _) = settings::read(&cli.config).map_err(|e| config_error(e, &cli.config))?;
+    let local = local_node(cli, &core)?;
     let settings = load_settings(&cli.config, &local)?;
     let boot = runtime::next_boot(&settings.state_dir())?;
     let metrics = Arc::new(metrics::Metrics::default());
@@ -501,14 +519,7 @@ async fn reload(
     tracing::info!(config = %path.display(), "SIGHUP: reloading the config");
     let refuse = |why: String| {
         tracing::error!("config reload refused, keeping the running config: {why}");
-        agent.metrics.reload(false);
-        *agent
-            .last_reload_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
-        agent
-            .history
-            .note(&current.pairs(), &format!("config reload refused: {why}"));
+        agent.record_reload(&current.pairs(), Some(why));
     };
     let settings = match load_settings(path, local) {
         Ok(s) => s,
@@ -542,32 +553,22 @@ async fn reload(
     }
     match runtime::launch(prepared, agent).await {
         Ok(rt) => {
-            let rt = Arc::new(rt);
-            agent.history.note(&rt.pairs(), "config reloaded");
-            *agent.current.write().await = Some(rt);
-            *agent
-                .last_reload_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = None;
-            agent.metrics.reload(true);
+            agent.record_reload(&rt.pairs(), None);
+            *agent.current.write().await = Some(Arc::new(rt));
             tracing::info!("config reloaded");
             Ok(Some(grace))
         }
         Err(e) => {
-            let why = format!("{e:#}");
-            tracing::error!("the new config failed to start ({why}); restarting the previous one");
-            let p = runtime::prepare(old_settings, agent).await?;
-            let rt = Arc::new(runtime::launch(p, agent).await?);
-            agent.history.note(
-                &rt.pairs(),
-                &format!("config reload failed at start: {why}"),
-            );
-            *agent.current.write().await = Some(rt);
-            agent.metrics.reload(false);
-            *agent
-                .last_reload_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(why);
+            let why = format!("the new config failed to start: {e:#}");
+            tracing::error!("{why}; restarting the previous one");
+            let p = runtime::prepare(old_settings, agent)
+                .await
+                .context("rebuilding the previous config's backends")?;
+            let rt = runtime::launch(p, agent)
+                .await
+                .context("restarting the previous config")?;
+            agent.record_reload(&rt.pairs(), Some(why));
+            *agent.current.write().await = Some(Arc::new(rt));
             Ok(None)
         }
     }

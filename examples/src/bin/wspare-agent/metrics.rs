@@ -58,7 +58,7 @@ pub(crate) struct SyncStats {
     pub(crate) last_lag: Option<Duration>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct State {
     peers: BTreeMap<NodeId, PeerStats>,
     rejected: BTreeMap<&'static str, u64>,
@@ -167,249 +167,199 @@ impl Metrics {
 
     /// The text exposition: counters, and gauges from `status`.
     pub(crate) fn render(&self, local: &NodeId, status: &BTreeMap<PairId, PairStatus>) -> String {
+        let s = self.with(|s| s.clone());
         let mut o = String::new();
-        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+        // One family: its header, then `name{labels} value` per sample.
+        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in samples {
+                let _ = writeln!(o, "{name}{labels} {value}");
+            }
         };
-        head(
-            &mut o,
+        let per_pair = |value: &dyn Fn(&PairStatus) -> Option<String>| -> Vec<(String, String)> {
+            status
+                .iter()
+                .filter_map(|(p, st)| Some((format!("{{pair=\"{p}\"}}"), value(st)?)))
+                .collect()
+        };
+        family(
             "wspare_pair_phase",
             "gauge",
             "1 for the phase the pair's machine on this node is in.",
+            status
+                .iter()
+                .flat_map(|(p, st)| {
+                    ALL_PHASES.iter().map(move |phase| {
+                        (
+                            format!("{{pair=\"{p}\",node=\"{local}\",phase=\"{phase}\"}}"),
+                            u8::from(st.phase == *phase).to_string(),
+                        )
+                    })
+                })
+                .collect(),
         );
-        for (p, st) in status {
-            for phase in ALL_PHASES {
-                let v = u8::from(st.phase == phase);
-                let _ = writeln!(
-                    o,
-                    "wspare_pair_phase{{pair=\"{p}\",node=\"{local}\",phase=\"{phase}\"}} {v}"
-                );
-            }
-        }
-        head(
-            &mut o,
+        family(
             "wspare_pair_active",
             "gauge",
             "1 if this node is the pair's active node.",
+            per_pair(&|st| Some(u8::from(st.active == *local).to_string())),
         );
-        for (p, st) in status {
-            let _ = writeln!(
-                o,
-                "wspare_pair_active{{pair=\"{p}\"}} {}",
-                u8::from(st.active == *local)
-            );
-        }
-        head(
-            &mut o,
+        family(
             "wspare_pair_epoch",
             "gauge",
             "The pair's epoch as this node knows it.",
+            per_pair(&|st| Some(st.epoch.0.to_string())),
         );
-        for (p, st) in status {
-            let _ = writeln!(o, "wspare_pair_epoch{{pair=\"{p}\"}} {}", st.epoch.0);
-        }
-        head(
-            &mut o,
+        family(
             "wspare_pair_maintenance",
             "gauge",
             "1 if maintenance is on for the pair on this node.",
+            per_pair(&|st| Some(u8::from(st.maintenance).to_string())),
         );
-        for (p, st) in status {
-            let _ = writeln!(
-                o,
-                "wspare_pair_maintenance{{pair=\"{p}\"}} {}",
-                u8::from(st.maintenance)
-            );
-        }
-        head(
-            &mut o,
+        family(
             "wspare_generation",
             "gauge",
             "Newest complete generation known.",
+            per_pair(&|st| Some(st.newest?.generation.0.to_string())),
         );
-        for (p, st) in status {
-            if let Some(g) = st.newest {
-                let _ = writeln!(o, "wspare_generation{{pair=\"{p}\"}} {}", g.generation.0);
-            }
-        }
-        head(
-            &mut o,
+        family(
             "wspare_generation_age_seconds",
             "gauge",
             "Age of the newest complete generation's source point in time.",
+            per_pair(&|st| Some(format!("{:.3}", st.newest_age?.as_secs_f64()))),
         );
-        for (p, st) in status {
-            if let Some(a) = st.newest_age {
-                let _ = writeln!(
-                    o,
-                    "wspare_generation_age_seconds{{pair=\"{p}\"}} {:.3}",
-                    a.as_secs_f64()
-                );
-            }
-        }
-        let s = self.with(|s| {
-            (
-                s.peers.clone(),
-                s.rejected.clone(),
-                s.fences.clone(),
-                s.syncs.clone(),
-                s.takeovers.clone(),
-                s.reloads_ok,
-                s.reloads_failed,
-            )
-        });
-        let (peers, rejected, fences, syncs, takeovers, rok, rfail) = s;
-        head(
-            &mut o,
+        family(
             "wspare_replication_lag_seconds",
             "gauge",
             "How old the newest generation was when its sync cycle completed.",
+            s.syncs
+                .iter()
+                .filter_map(|(p, x)| {
+                    let lag = x.last_lag?.as_secs_f64();
+                    Some((format!("{{pair=\"{p}\"}}"), format!("{lag:.3}")))
+                })
+                .collect(),
         );
-        for (p, x) in &syncs {
-            if let Some(l) = x.last_lag {
-                let _ = writeln!(
-                    o,
-                    "wspare_replication_lag_seconds{{pair=\"{p}\"}} {:.3}",
-                    l.as_secs_f64()
-                );
-            }
-        }
-        head(
-            &mut o,
+        family(
             "wspare_sync_cycles_total",
             "counter",
             "Sync cycles run from this node.",
+            s.syncs
+                .iter()
+                .flat_map(|(p, x)| {
+                    [("ok", x.ok), ("failed", x.failed)].map(|(result, n)| {
+                        (
+                            format!("{{pair=\"{p}\",result=\"{result}\"}}"),
+                            n.to_string(),
+                        )
+                    })
+                })
+                .collect(),
         );
-        for (p, x) in &syncs {
-            let _ = writeln!(
-                o,
-                "wspare_sync_cycles_total{{pair=\"{p}\",result=\"ok\"}} {}",
-                x.ok
-            );
-            let _ = writeln!(
-                o,
-                "wspare_sync_cycles_total{{pair=\"{p}\",result=\"failed\"}} {}",
-                x.failed
-            );
-        }
-        head(
-            &mut o,
+        let per_peer = |value: &dyn Fn(&PeerStats) -> Option<String>| -> Vec<(String, String)> {
+            s.peers
+                .iter()
+                .filter_map(|(n, x)| Some((format!("{{peer=\"{n}\"}}"), value(x)?)))
+                .collect()
+        };
+        family(
             "wspare_heartbeats_sent_total",
             "counter",
             "Heartbeats sent.",
+            per_peer(&|x| Some(x.sent.to_string())),
         );
-        for (n, x) in &peers {
-            let _ = writeln!(o, "wspare_heartbeats_sent_total{{peer=\"{n}\"}} {}", x.sent);
-        }
-        head(
-            &mut o,
+        family(
             "wspare_heartbeats_received_total",
             "counter",
             "Heartbeats accepted.",
+            per_peer(&|x| Some(x.received.to_string())),
         );
-        for (n, x) in &peers {
-            let _ = writeln!(
-                o,
-                "wspare_heartbeats_received_total{{peer=\"{n}\"}} {}",
-                x.received
-            );
-        }
-        head(
-            &mut o,
+        family(
             "wspare_heartbeat_rtt_seconds",
             "gauge",
             "Last heartbeat round-trip time.",
+            per_peer(&|x| Some(format!("{:.6}", x.rtt?.as_secs_f64()))),
         );
-        for (n, x) in &peers {
-            if let Some(r) = x.rtt {
-                let _ = writeln!(
-                    o,
-                    "wspare_heartbeat_rtt_seconds{{peer=\"{n}\"}} {:.6}",
-                    r.as_secs_f64()
-                );
-            }
-        }
-        head(
-            &mut o,
+        family(
             "wspare_heartbeats_rejected_total",
             "counter",
             "Heartbeat datagrams refused, by reason.",
+            Reject::ALL
+                .iter()
+                .map(|r| {
+                    let n = s.rejected.get(r).copied().unwrap_or(0);
+                    (format!("{{reason=\"{r}\"}}"), n.to_string())
+                })
+                .collect(),
         );
-        for r in Reject::ALL {
-            let _ = writeln!(
-                o,
-                "wspare_heartbeats_rejected_total{{reason=\"{r}\"}} {}",
-                rejected.get(r).copied().unwrap_or(0)
-            );
-        }
-        head(
-            &mut o,
+        family(
             "wspare_failovers_total",
             "counter",
             "Times this node took a pair over.",
+            s.takeovers
+                .iter()
+                .map(|((p, k), n)| (format!("{{pair=\"{p}\",kind=\"{k}\"}}"), n.to_string()))
+                .collect(),
         );
-        for ((p, k), n) in &takeovers {
-            let _ = writeln!(o, "wspare_failovers_total{{pair=\"{p}\",kind=\"{k}\"}} {n}");
-        }
-        head(
-            &mut o,
+        family(
             "wspare_fence_attempts_total",
             "counter",
             "Fence attempts by this node, by target and result.",
+            s.fences
+                .iter()
+                .flat_map(|(n, f)| {
+                    [("ok", f.ok), ("failed", f.failed)].map(|(result, k)| {
+                        (
+                            format!("{{node=\"{n}\",result=\"{result}\"}}"),
+                            k.to_string(),
+                        )
+                    })
+                })
+                .collect(),
         );
-        for (n, f) in &fences {
-            let _ = writeln!(
-                o,
-                "wspare_fence_attempts_total{{node=\"{n}\",result=\"ok\"}} {}",
-                f.ok
-            );
-            let _ = writeln!(
-                o,
-                "wspare_fence_attempts_total{{node=\"{n}\",result=\"failed\"}} {}",
-                f.failed
-            );
-        }
-        head(
-            &mut o,
+        // A summary's samples carry suffixes: `_sum`, `_count`.
+        family(
             "wspare_fence_duration_seconds",
             "summary",
             "Time fence attempts took.",
+            s.fences
+                .iter()
+                .flat_map(|(n, f)| {
+                    [
+                        (
+                            format!("_sum{{node=\"{n}\"}}"),
+                            format!("{:.3}", f.seconds_sum),
+                        ),
+                        (
+                            format!("_count{{node=\"{n}\"}}"),
+                            (f.ok + f.failed).to_string(),
+                        ),
+                    ]
+                })
+                .collect(),
         );
-        for (n, f) in &fences {
-            let _ = writeln!(
-                o,
-                "wspare_fence_duration_seconds_sum{{node=\"{n}\"}} {:.3}",
-                f.seconds_sum
-            );
-            let _ = writeln!(
-                o,
-                "wspare_fence_duration_seconds_count{{node=\"{n}\"}} {}",
-                f.ok + f.failed
-            );
-        }
-        head(
-            &mut o,
+        family(
             "wspare_fence_last_duration_seconds",
             "gauge",
             "Time the last fence attempt took.",
+            s.fences
+                .iter()
+                .map(|(n, f)| {
+                    (
+                        format!("{{node=\"{n}\"}}"),
+                        format!("{:.3}", f.last_seconds),
+                    )
+                })
+                .collect(),
         );
-        for (n, f) in &fences {
-            let _ = writeln!(
-                o,
-                "wspare_fence_last_duration_seconds{{node=\"{n}\"}} {:.3}",
-                f.last_seconds
-            );
-        }
-        head(
-            &mut o,
+        family(
             "wspare_config_reloads_total",
             "counter",
             "Config reloads (SIGHUP), by result.",
-        );
-        let _ = writeln!(o, "wspare_config_reloads_total{{result=\"ok\"}} {rok}");
-        let _ = writeln!(
-            o,
-            "wspare_config_reloads_total{{result=\"failed\"}} {rfail}"
+            vec![
+                ("{result=\"ok\"}".into(), s.reloads_ok.to_string()),
+                ("{result=\"failed\"}".into(), s.reloads_failed.to_string()),
+            ],
         );
         o
     }

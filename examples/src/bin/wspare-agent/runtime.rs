@@ -85,12 +85,14 @@ pub(crate) fn next_boot(state_dir: &Path) -> Result<u64> {
     };
     let new = old + 1;
     let tmp = state_dir.join("boot.tmp");
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    writeln!(f, "{new}")?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("renaming {}", tmp.display()))?;
-    std::fs::File::open(state_dir).and_then(|d| d.sync_all())?;
+    std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            writeln!(f, "{new}")?;
+            f.sync_all()
+        })
+        .and_then(|_| std::fs::rename(&tmp, &path))
+        .and_then(|_| std::fs::File::open(state_dir)?.sync_all())
+        .with_context(|| format!("writing the boot epoch {new} to {}", path.display()))?;
     Ok(new)
 }
 
@@ -231,7 +233,7 @@ pub(crate) async fn prepare(settings: Settings, agent: &Agent) -> Result<Prepare
         .ok_or_else(|| anyhow!("[agent] key-file is not set"))?;
     let key = read_key(&key_file)?;
     let topology = fencing::topology(&settings.nodes, &settings.core)
-        .map_err(|(f, m)| anyhow!("fencing config: {f}: {m}"))?;
+        .map_err(|e| anyhow!("fencing config: {e}"))?;
     let fencer: Arc<dyn Fencer> = Arc::new(fencing::Metered::new(
         Arc::new(topology),
         agent.metrics.clone(),
@@ -241,10 +243,9 @@ pub(crate) async fn prepare(settings: Settings, agent: &Agent) -> Result<Prepare
     let mut wanted = vec![local.clone()];
     wanted.extend(settings.peers());
     for n in wanted {
-        let ns = settings
-            .nodes
-            .get(&n)
-            .ok_or_else(|| anyhow!("node {n} has no [node.hypervisor] or fence table"))?;
+        let ns = settings.nodes.get(&n).ok_or_else(|| {
+            anyhow!("node {n} has no [node.hypervisor] or no [node.fence] table; the agent on {local} needs both for its own node and its peers")
+        })?;
         let hv = LibvirtHypervisor::new(libvirt_config(ns, n == local))
             .map_err(|e| anyhow!("node {n}: hypervisor: {e}"))?;
         hvs.insert(n, Arc::new(hv));
@@ -257,11 +258,7 @@ pub(crate) async fn prepare(settings: Settings, agent: &Agent) -> Result<Prepare
     let mut executors = BTreeMap::new();
     let mut replicators = Vec::new();
     for p in settings.local_pairs() {
-        let peer = if p.primary == local {
-            p.spare.clone()
-        } else {
-            p.primary.clone()
-        };
+        let peer = p.peer_of(&local).clone();
         let spec = load_spec(p, (&local, &hvs[&local]), (&peer, &hvs[&peer]), &state_dir).await?;
         if spec.name != p.vm {
             bail!(
@@ -502,6 +499,21 @@ impl Agent {
     /// The running runtime, if any (none during a reload).
     pub(crate) async fn runtime(&self) -> Option<Arc<Runtime>> {
         self.current.read().await.clone()
+    }
+
+    /// Records a reload's outcome (`refused`: why the running config
+    /// stays) in the metrics, `status` and the `explain` log of `pairs`.
+    pub(crate) fn record_reload(&self, pairs: &[PairId], refused: Option<String>) {
+        self.metrics.reload(refused.is_none());
+        let note = match &refused {
+            Some(why) => format!("config reload refused: {why}"),
+            None => "config reloaded".into(),
+        };
+        self.history.note(pairs, &note);
+        *self
+            .last_reload_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = refused;
     }
 
     /// Uptime text for status.

@@ -312,6 +312,17 @@ pub(crate) struct PairSettings {
     pub(crate) replication: ReplicationSection,
 }
 
+impl PairSettings {
+    /// The pair's other node, seen from `local` (one of its two).
+    pub(crate) fn peer_of(&self, local: &NodeId) -> &NodeId {
+        if self.primary == *local {
+            &self.spare
+        } else {
+            &self.primary
+        }
+    }
+}
+
 /// The whole config as the agent on `local` uses it.
 #[derive(Clone, Debug)]
 pub(crate) struct Settings {
@@ -593,8 +604,7 @@ impl Settings {
 
     /// Loads, validates and decodes the config file for `local`.
     pub(crate) fn load(path: &Path, local: &NodeId) -> Result<Settings, ConfigErrors> {
-        let core = Config::load(path)?;
-        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let (core, text) = read(path)?;
         Settings::from_core(core, &text, path, local)
     }
 
@@ -624,13 +634,7 @@ impl Settings {
     pub(crate) fn peers(&self) -> Vec<NodeId> {
         let mut v: Vec<NodeId> = self
             .local_pairs()
-            .map(|p| {
-                if p.primary == self.local {
-                    p.spare.clone()
-                } else {
-                    p.primary.clone()
-                }
-            })
+            .map(|p| p.peer_of(&self.local).clone())
             .collect();
         v.sort();
         v.dedup();
@@ -646,6 +650,19 @@ impl Settings {
             .cloned()
             .unwrap_or_else(|| node.host().to_string())
     }
+}
+
+/// Reads the config file once: the core's validated config, and the text
+/// the lines of the agent's own errors are counted in.
+pub(crate) fn read(path: &Path) -> Result<(Config, String), ConfigErrors> {
+    let in_file = |errors| ConfigErrors {
+        path: Some(path.to_path_buf()),
+        errors,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| in_file(vec![one(String::new(), None, format!("cannot read: {e}"))]))?;
+    let core = Config::parse(&text).map_err(|e| in_file(e.errors))?;
+    Ok((core, text))
 }
 
 /// 1-based line of byte `offset` in `text`.

@@ -20,8 +20,8 @@
 //! how old a datagram may be, which covers the receiver's own restart
 //! (when its replay windows start empty).
 //!
-//! This file has no dependency on the rest of the agent: the end-to-end
-//! test includes it to read the format it forges and replays.
+//! The end-to-end test's `heartbeats.py` speaks this format too (it
+//! captures, replays, tampers with and forges datagrams): change both.
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -63,8 +63,14 @@ impl Key {
         Ok(Key(bytes))
     }
 
-    fn mac(&self) -> Hmac<Sha256> {
-        <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length")
+    /// The MAC over the magic, the version and `body`.
+    fn mac(&self, body: &[u8]) -> Hmac<Sha256> {
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        mac.update(MAGIC);
+        mac.update(&[VERSION]);
+        mac.update(body);
+        mac
     }
 }
 
@@ -162,11 +168,7 @@ impl std::fmt::Display for Reject {
 /// Encodes and authenticates a heartbeat.
 pub(crate) fn seal(key: &Key, body: &Body) -> Vec<u8> {
     let json = serde_json::to_vec(body).expect("a heartbeat body serializes");
-    let mut mac = key.mac();
-    mac.update(MAGIC);
-    mac.update(&[VERSION]);
-    mac.update(&json);
-    let tag = mac.finalize().into_bytes();
+    let tag = key.mac(&json).finalize().into_bytes();
     let mut out = Vec::with_capacity(HEADER + json.len());
     out.extend_from_slice(MAGIC);
     out.push(VERSION);
@@ -200,11 +202,9 @@ pub(crate) fn open(key: &Key, datagram: &[u8]) -> Result<Body, Reject> {
         )));
     }
     let (tag, json) = (&datagram[5..HEADER], &datagram[HEADER..]);
-    let mut mac = key.mac();
-    mac.update(MAGIC);
-    mac.update(&[VERSION]);
-    mac.update(json);
-    mac.verify_slice(tag).map_err(|_| Reject::BadMac)?;
+    key.mac(json)
+        .verify_slice(tag)
+        .map_err(|_| Reject::BadMac)?;
     serde_json::from_slice(json).map_err(|e| {
         Reject::Malformed(format!(
             "authentic but unreadable body ({e}); are both agents the same version?"
