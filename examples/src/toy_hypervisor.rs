@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::ErrorKind as IoKind;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,15 +50,13 @@ struct Guest {
     /// frozen. Shared with the task.
     target: Arc<Mutex<PathBuf>>,
     /// Set by an ACPI shutdown the guest honours; the task exits.
-    off: Arc<Mutex<bool>>,
+    off: Arc<AtomicBool>,
 }
 
 /// The toy hypervisor. See the module docs.
 pub struct ToyHypervisor {
     root: PathBuf,
     guests: Mutex<BTreeMap<VmName, Guest>>,
-    /// Wall clock for freeze times (milliseconds since the epoch).
-    clock: fn() -> UnixMillis,
 }
 
 /// An I/O error as a wspare error: a missing file is `NotFound`, the rest is
@@ -89,7 +88,6 @@ impl ToyHypervisor {
         Ok(ToyHypervisor {
             root,
             guests: Mutex::new(BTreeMap::new()),
-            clock: || UnixMillis::from_system_time(std::time::SystemTime::now()),
         })
     }
 
@@ -122,9 +120,7 @@ impl ToyHypervisor {
     fn is_running(&self, vm: &VmName) -> bool {
         let marker = self.dir(vm).join("running");
         let mut guests = self.guests();
-        let stopped = guests
-            .get(vm)
-            .is_some_and(|g| *g.off.lock().unwrap_or_else(|p| p.into_inner()));
+        let stopped = guests.get(vm).is_some_and(|g| g.off.load(Ordering::SeqCst));
         if stopped {
             guests.remove(vm);
             let _ = fs::remove_file(&marker);
@@ -161,11 +157,11 @@ impl ToyHypervisor {
 
 /// The guest: writes `TOY <n>` into the first sector of its target file
 /// every [`GUEST_TICK`], until it powers off or is destroyed.
-async fn guest(target: Arc<Mutex<PathBuf>>, off: Arc<Mutex<bool>>) {
+async fn guest(target: Arc<Mutex<PathBuf>>, off: Arc<AtomicBool>) {
     let mut n: u64 = 0;
     loop {
         tokio::time::sleep(GUEST_TICK).await;
-        if *off.lock().unwrap_or_else(|p| p.into_inner()) {
+        if off.load(Ordering::SeqCst) {
             return;
         }
         n += 1;
@@ -284,7 +280,7 @@ impl Hypervisor for ToyHypervisor {
             .map(|d| d.path.clone())
             .unwrap_or_default();
         let target = Arc::new(Mutex::new(first));
-        let off = Arc::new(Mutex::new(false));
+        let off = Arc::new(AtomicBool::new(false));
         let task = tokio::spawn(guest(target.clone(), off.clone()));
         self.guests()
             .insert(vm.clone(), Guest { task, target, off });
@@ -308,7 +304,7 @@ impl Hypervisor for ToyHypervisor {
                 let off = g.off.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(ACPI_DELAY).await;
-                    *off.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                    off.store(true, Ordering::SeqCst);
                 });
             }
         }
@@ -372,7 +368,7 @@ impl Hypervisor for ToyHypervisor {
         }
         Ok(FrozenDisks {
             vm: vm.clone(),
-            at: (self.clock)(),
+            at: UnixMillis::now(),
             consistency: Consistency::CrashConsistent,
             disks,
         })

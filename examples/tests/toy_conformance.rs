@@ -9,12 +9,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use wspare_core::{
-    Boot, DiskBus, DiskFormat, DiskSpec, Error, Firmware, Hypervisor, Result, VmName, VmSpec,
+    Boot, DiskBus, DiskFormat, DiskSpec, Error, ErrorKind, Firmware, Hypervisor, Result, VmName,
+    VmSpec,
 };
 use wspare_examples::toy_hypervisor::ToyHypervisor;
 use wspare_testkit::suite::hypervisor::{self, GuestTraits, HypervisorEnv, HypervisorFixture};
 
 struct ToyFixture;
+
+/// A fixture's own I/O failure, naming the file: a failing case then says
+/// which step of the lab broke, not only that something did.
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::new(
+        ErrorKind::Backend,
+        format!("{what} {}: {e}", path.display()),
+    )
+}
 
 /// One case's world: the backend and its directory. Dropping the temporary
 /// directory is the cleanup guard; dropping the backend stops its guests.
@@ -31,7 +41,7 @@ impl HypervisorFixture for ToyFixture {
 
     async fn build(&self) -> Result<Box<dyn HypervisorEnv>> {
         let dir = tempfile::tempdir()
-            .map_err(|e| Error::invalid(format!("no temporary directory: {e}")))?;
+            .map_err(|e| io_err("creating a directory in", &std::env::temp_dir(), e))?;
         let hypervisor = Arc::new(ToyHypervisor::new(dir.path().join("vms"))?);
         Ok(Box::new(ToyEnv { hypervisor, dir }))
     }
@@ -41,11 +51,11 @@ impl ToyEnv {
     /// A VM with two fresh disk images and a kernel command line.
     fn make(&self, name: &VmName, cmdline: &str) -> Result<VmSpec> {
         let images = self.dir.path().join("images");
-        std::fs::create_dir_all(&images).map_err(|e| Error::invalid(e.to_string()))?;
+        std::fs::create_dir_all(&images).map_err(|e| io_err("creating", &images, e))?;
         let mut disks = Vec::new();
         for slot in ["vda", "vdb"] {
             let path = images.join(format!("{name}-{slot}.img"));
-            std::fs::write(&path, vec![0u8; 512]).map_err(|e| Error::invalid(e.to_string()))?;
+            std::fs::write(&path, vec![0u8; 512]).map_err(|e| io_err("writing", &path, e))?;
             disks.push(DiskSpec {
                 target: slot.into(),
                 path,

@@ -13,7 +13,7 @@ use wspare_core::{
     VmStatus,
 };
 use wspare_testkit::sim::{
-    Fault, SimFencerFixture, SimHypervisorFixture, SimReplicatorFixture, SimWorld,
+    Fault, SimFencerFixture, SimHypervisor, SimHypervisorFixture, SimReplicatorFixture, SimWorld,
     SIM_WRONG_PASSWORD,
 };
 use wspare_testkit::suite::{self, CaseOutcome, Report};
@@ -195,11 +195,10 @@ impl Hypervisor for BrokenHv {
     async fn freeze_disks(&self, vm: &VmName) -> Result<FrozenDisks> {
         if self.bug == HvBug::RefreezeRefused {
             let spec = self.inner.spec(vm).await?;
-            let overlay = spec.disks.first().map(|d| {
-                let mut p = d.path.clone().into_os_string();
-                p.push(".wspare-overlay");
-                std::path::PathBuf::from(p)
-            });
+            let overlay = spec
+                .disks
+                .first()
+                .map(|d| SimHypervisor::overlay_path(&d.path));
             if overlay.is_some_and(|p| self.world.image(&node_a(), &p).is_some()) {
                 return Err(Error::new(
                     ErrorKind::Conflict,

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use wspare_core::UnixMillis;
 
+use super::world::ms;
+
 /// A boxed sleep.
 pub type Sleep = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 
@@ -104,8 +106,7 @@ impl ManualClock {
     pub fn advance(&self, d: Duration) {
         let to = {
             let s = self.lock();
-            s.now
-                .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            s.now.saturating_add(ms(d))
         };
         self.advance_to(UnixMillis(to));
     }
@@ -168,11 +169,7 @@ impl Clock for ManualClock {
             let mut s = self.lock();
             let id = s.next_id;
             s.next_id += 1;
-            (
-                s.now
-                    .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-                id,
-            )
+            (s.now.saturating_add(ms(d)), id)
         };
         Box::pin(ManualSleep {
             clock: self.clone(),

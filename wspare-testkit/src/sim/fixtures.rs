@@ -140,8 +140,7 @@ impl HypervisorFixture for SimHypervisorFixture {
     }
 
     async fn build(&self) -> Result<Box<dyn HypervisorEnv>> {
-        let world =
-            SimWorld::with_clock(Arc::new(super::TokioClock::default()), self.config.clone());
+        let world = SimWorld::with_config(self.config.clone());
         let node = node("node-a");
         let mut hypervisor: Arc<dyn Hypervisor> = Arc::new(SimHypervisor::new(&world, &node));
         if let Some(w) = &self.wrap {
@@ -296,8 +295,7 @@ impl ReplicatorFixture for SimReplicatorFixture {
     }
 
     async fn build(&self) -> Result<Box<dyn ReplicatorEnv>> {
-        let world =
-            SimWorld::with_clock(Arc::new(super::TokioClock::default()), self.config.clone());
+        let world = SimWorld::with_config(self.config.clone());
         let (a, b) = (node("node-a"), node("node-b"));
         let pair = PairId::new("web").expect("valid");
         let disks: Vec<DiskSpec> = ["vda", "vdb"]
@@ -467,8 +465,7 @@ impl FencerFixture for SimFencerFixture {
     }
 
     async fn build(&self, variant: FencerVariant) -> Result<Option<Box<dyn FencerEnv>>> {
-        let world =
-            SimWorld::with_clock(Arc::new(super::TokioClock::default()), self.config.clone());
+        let world = SimWorld::with_config(self.config.clone());
         let a = node("node-a");
         world.add_host(&a);
         world.add_fence_device(&a, "bmc-node-a", Secret::new(SIM_FENCE_PASSWORD));

@@ -1,5 +1,6 @@
 //! [`SimHypervisor`]: the hypervisor of one host of a [`SimWorld`].
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,7 +22,7 @@ use super::world::{ms, Fault, Freeze, Guest, GuestMode, Host, Images, Run, SimWo
 /// - `shutdown` sends ACPI and polls: a guest that honours it powers off
 ///   [`SimConfig::guest_acpi_delay`](super::SimConfig) after it booted.
 /// - `freeze_disks` points the guest's writes at overlays
-///   (`<image>.wspare-overlay`); `release_disks` folds them back, and so
+///   ([`SimHypervisor::overlay_path`]); `release_disks` folds them back, and so
 ///   does the next `freeze_disks` if a crashed caller never released.
 /// - `define` of a running VM is refused (`Conflict`).
 #[derive(Clone, Debug)]
@@ -43,6 +44,13 @@ impl SimHypervisor {
     /// The host.
     pub fn node(&self) -> &NodeId {
         &self.node
+    }
+
+    /// Where the guest's writes to `image` go during a freeze.
+    pub fn overlay_path(image: &Path) -> PathBuf {
+        let mut p = image.as_os_str().to_owned();
+        p.push(".wspare-overlay");
+        PathBuf::from(p)
     }
 
     fn err(&self, kind: ErrorKind, msg: impl std::fmt::Display) -> Error {
@@ -322,9 +330,7 @@ impl Hypervisor for SimHypervisor {
                         format!("disk image {} of {vm} does not exist", d.path.display()),
                     ));
                 };
-                let mut ov = d.path.clone().into_os_string();
-                ov.push(".wspare-overlay");
-                let ov = std::path::PathBuf::from(ov);
+                let ov = SimHypervisor::overlay_path(&d.path);
                 images.insert((node.clone(), ov.clone()), bytes);
                 overlays.push((d.path.clone(), ov.clone()));
                 disks.push(FrozenDisk {
@@ -358,28 +364,7 @@ impl Hypervisor for SimHypervisor {
 mod tests {
     use super::*;
     use crate::sim::world::fresh_guest_disk;
-
-    fn spec(name: &str, cmdline: &str) -> VmSpec {
-        VmSpec {
-            name: VmName::new(name).unwrap(),
-            vcpus: 1,
-            memory_mib: 64,
-            firmware: Default::default(),
-            disks: vec![DiskSpec {
-                target: "vda".into(),
-                path: format!("/img/{name}.img").into(),
-                format: Default::default(),
-                bus: Default::default(),
-                read_only: false,
-            }],
-            nics: vec![],
-            boot: wspare_core::Boot::Kernel {
-                kernel: "/k".into(),
-                initrd: None,
-                cmdline: cmdline.into(),
-            },
-        }
-    }
+    use crate::sim::world::tests::spec;
 
     fn setup() -> (SimWorld, SimHypervisor, NodeId) {
         let w = SimWorld::new();

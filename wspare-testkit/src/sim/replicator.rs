@@ -7,9 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use wspare_core::ids::validate_name;
 use wspare_core::{
-    Consistency, DiskBus, DiskFormat, DiskSpec, Error, ErrorKind, Generation, GenerationInfo,
-    NodeId, PairId, PowerState, Progress, Promoted, ReplicaStatus, Replicator, ReplicatorCaps,
-    Result, SourceView, UnixMillis,
+    Consistency, DiskBus, DiskSpec, Error, ErrorKind, Generation, GenerationInfo, NodeId, PairId,
+    PowerState, Progress, Promoted, ReplicaStatus, Replicator, ReplicatorCaps, Result, SourceView,
+    UnixMillis,
 };
 
 use super::world::{digest, flip, Fault, Replica, SimWorld, State, StoredGen};
@@ -57,14 +57,6 @@ pub struct SimReplicator {
     world: SimWorld,
     pair: PairId,
     config: SimReplicatorConfig,
-}
-
-/// One disk of a source view.
-struct SourceDisk {
-    target: String,
-    path: PathBuf,
-    format: DiskFormat,
-    bus: DiskBus,
 }
 
 impl SimReplicator {
@@ -174,7 +166,9 @@ impl SimReplicator {
         Ok(())
     }
 
-    fn source_disks(&self, view: &SourceView) -> Result<(Vec<SourceDisk>, UnixMillis)> {
+    /// The view's disks (a frozen disk on the default bus) and its point
+    /// in time.
+    fn source_disks(&self, view: &SourceView) -> Result<(Vec<DiskSpec>, UnixMillis)> {
         let (disks, at) = match view {
             SourceView::Continuous => {
                 return Err(self.err(
@@ -183,26 +177,16 @@ impl SimReplicator {
                      running VM's disks",
                 ))
             }
-            SourceView::Stopped { disks, at } => (
-                disks
-                    .iter()
-                    .map(|d| SourceDisk {
-                        target: d.target.clone(),
-                        path: d.path.clone(),
-                        format: d.format,
-                        bus: d.bus,
-                    })
-                    .collect::<Vec<_>>(),
-                *at,
-            ),
+            SourceView::Stopped { disks, at } => (disks.clone(), *at),
             SourceView::Frozen(f) => (
                 f.disks
                     .iter()
-                    .map(|d| SourceDisk {
+                    .map(|d| DiskSpec {
                         target: d.target.clone(),
                         path: d.path.clone(),
                         format: d.format,
                         bus: DiskBus::default(),
+                        read_only: false,
                     })
                     .collect(),
                 f.at,
@@ -295,11 +279,9 @@ impl SimReplicator {
                 }
                 st.images.insert((target.clone(), path.clone()), bytes);
                 stored.disks.push(DiskSpec {
-                    target: d.target.clone(),
                     path,
-                    format: d.format,
-                    bus: d.bus,
                     read_only: false,
+                    ..d.clone()
                 });
             }
             r.highest = g;
@@ -524,6 +506,8 @@ impl Replicator for SimReplicator {
 
 #[cfg(test)]
 mod tests {
+    use wspare_core::DiskFormat;
+
     use super::*;
 
     fn n(s: &str) -> NodeId {

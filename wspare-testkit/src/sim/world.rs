@@ -94,6 +94,27 @@ pub enum Fault {
     FenceDeviceDead(NodeId),
 }
 
+impl Fault {
+    /// The node a hypervisor or fence-device fault is about (`None` for a
+    /// pair's replication faults).
+    pub fn node(&self) -> Option<&NodeId> {
+        match self {
+            Fault::HypervisorUnreachable(n)
+            | Fault::HypervisorHangs(n)
+            | Fault::FenceFails(n)
+            | Fault::FenceHangs(n)
+            | Fault::FenceLies(n)
+            | Fault::FenceStuckOn(n)
+            | Fault::FenceDeviceDead(n) => Some(n),
+            Fault::ReplicationUnreachable(_)
+            | Fault::BreakNextSync(_)
+            | Fault::SyncFails(_)
+            | Fault::SyncHangs(_)
+            | Fault::CorruptNextSync(_) => None,
+        }
+    }
+}
+
 /// Bytes of the guest's counter sector in the sim (the real test guest uses
 /// a 512-byte sector; see `scripts/guest-init`).
 pub const SECTOR: usize = 64;
@@ -421,7 +442,13 @@ impl SimWorld {
     /// An empty world on tokio's clock (make it inside the runtime), with
     /// default timings.
     pub fn new() -> Self {
-        SimWorld::with_clock(Arc::new(TokioClock::default()), SimConfig::default())
+        SimWorld::with_config(SimConfig::default())
+    }
+
+    /// An empty world on tokio's clock (make it inside the runtime), with
+    /// `config`.
+    pub fn with_config(config: SimConfig) -> Self {
+        SimWorld::with_clock(Arc::new(TokioClock::default()), config)
     }
 
     /// An empty world on `clock` with `config`.
@@ -765,7 +792,7 @@ pub(crate) fn flip(img: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::sim::ManualClock;
 
@@ -781,7 +808,9 @@ mod tests {
         )
     }
 
-    fn spec(name: &str, cmdline: &str) -> VmSpec {
+    /// A one-disk spec (`vda` at `/img/<name>.img`, no image made) booting
+    /// the test guest with `cmdline`.
+    pub(crate) fn spec(name: &str, cmdline: &str) -> VmSpec {
         VmSpec {
             name: VmName::new(name).unwrap(),
             vcpus: 1,

@@ -103,18 +103,20 @@ pub async fn run_with(fixture: &dyn HypervisorFixture, opts: &Options) -> Report
 async fn run_case(fixture: &dyn HypervisorFixture, i: usize) -> Verdict {
     let env = call("fixture build()", fixture.build()).await?;
     let env = &*env;
+    let hv = env.hypervisor();
+    let hv = &*hv;
     match i {
-        0 => h1_missing(env).await,
-        1 => h2_define_read_back(env).await,
-        2 => h3_redefine(env).await,
-        3 => h4_idempotent_start(env).await,
-        4 => h5_idempotent_destroy(env).await,
-        5 => h6_shutdown_deadline(env).await,
-        6 => h7_undefine(env).await,
-        7 => h8_freeze(env).await,
-        8 => h9_hot_plug(env).await,
-        9 => h10_list(env).await,
-        10 => h11_concurrency(env).await,
+        0 => h1_missing(env, hv).await,
+        1 => h2_define_read_back(env, hv).await,
+        2 => h3_redefine(env, hv).await,
+        3 => h4_idempotent_start(env, hv).await,
+        4 => h5_idempotent_destroy(env, hv).await,
+        5 => h6_shutdown_deadline(env, hv).await,
+        6 => h7_undefine(env, hv).await,
+        7 => h8_freeze(env, hv).await,
+        8 => h9_hot_plug(env, hv).await,
+        9 => h10_list(env, hv).await,
+        10 => h11_concurrency(env, hv).await,
         _ => unreachable!("no hypervisor case {i}"),
     }
 }
@@ -186,9 +188,7 @@ fn spec_diff(want: &VmSpec, got: &VmSpec) -> String {
     d.join("; ")
 }
 
-async fn h1_missing(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h1_missing(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     let caps = hv.capabilities();
     let vm = vm_name("wspare-ct-h1");
     let got = state_of(hv, &vm).await?;
@@ -257,9 +257,7 @@ async fn h1_missing(env: &dyn HypervisorEnv) -> Verdict {
     Ok(())
 }
 
-async fn h2_define_read_back(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h2_define_read_back(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     let vm = vm_name("wspare-ct-h2");
     let spec = fresh_spec(env, &vm).await?;
     define(hv, &spec).await?;
@@ -278,9 +276,7 @@ async fn h2_define_read_back(env: &dyn HypervisorEnv) -> Verdict {
     .await
 }
 
-async fn h3_redefine(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h3_redefine(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     let vm = vm_name("wspare-ct-h3");
     let spec = fresh_spec(env, &vm).await?;
     define(hv, &spec).await?;
@@ -336,9 +332,7 @@ async fn h3_redefine(env: &dyn HypervisorEnv) -> Verdict {
     .await
 }
 
-async fn h4_idempotent_start(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h4_idempotent_start(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     let vm = vm_name("wspare-ct-h4");
     let spec = fresh_spec(env, &vm).await?;
     define(hv, &spec).await?;
@@ -356,9 +350,7 @@ async fn h4_idempotent_start(env: &dyn HypervisorEnv) -> Verdict {
     Ok(())
 }
 
-async fn h5_idempotent_destroy(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h5_idempotent_destroy(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     let vm = vm_name("wspare-ct-h5");
     let spec = fresh_spec(env, &vm).await?;
     define(hv, &spec).await?;
@@ -382,9 +374,7 @@ async fn h5_idempotent_destroy(env: &dyn HypervisorEnv) -> Verdict {
     expect_state(hv, &vm, VmState::ShutOff, "a second destroy() returned Ok").await
 }
 
-async fn h6_shutdown_deadline(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h6_shutdown_deadline(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     if !hv.capabilities().graceful_shutdown {
         skip!("backend lacks capability graceful_shutdown");
     }
@@ -475,9 +465,7 @@ async fn h6_shutdown_deadline(env: &dyn HypervisorEnv) -> Verdict {
     destroy(hv, &stubborn).await
 }
 
-async fn h7_undefine(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h7_undefine(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     let vm = vm_name("wspare-ct-h7");
     let spec = fresh_spec(env, &vm).await?;
     define(hv, &spec).await?;
@@ -514,6 +502,10 @@ async fn h7_undefine(env: &dyn HypervisorEnv) -> Verdict {
         "after undefine({vm}) returned Ok, list() still has it: {list:?}"
     );
     for (d, b) in spec.disks.iter().zip(&before) {
+        set_step(&format!(
+            "fixture image_digest({}) after undefine({vm})",
+            d.path.display()
+        ));
         match env.image_digest(&d.path).await {
             Ok(a) => ensure!(
                 &a == b,
@@ -529,9 +521,7 @@ async fn h7_undefine(env: &dyn HypervisorEnv) -> Verdict {
     Ok(())
 }
 
-async fn h8_freeze(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h8_freeze(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     let Some(cap) = hv.capabilities().freeze else {
         skip!("backend lacks capability freeze");
     };
@@ -650,9 +640,7 @@ async fn h8_freeze(env: &dyn HypervisorEnv) -> Verdict {
     Ok(())
 }
 
-async fn h9_hot_plug(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h9_hot_plug(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     if !hv.capabilities().attach_disk {
         skip!("backend lacks capability attach_disk");
     }
@@ -726,9 +714,7 @@ async fn h9_hot_plug(env: &dyn HypervisorEnv) -> Verdict {
     expect_state(hv, &vm, VmState::Running, "hot-plugging a disk").await
 }
 
-async fn h10_list(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h10_list(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     let list = |what: &'static str| async move {
         let l = call(format!("list() {what}"), hv.list()).await?;
         let set: BTreeSet<VmName> = l.iter().cloned().collect();
@@ -769,9 +755,7 @@ async fn h10_list(env: &dyn HypervisorEnv) -> Verdict {
     Ok(())
 }
 
-async fn h11_concurrency(env: &dyn HypervisorEnv) -> Verdict {
-    let hv = env.hypervisor();
-    let hv = &*hv;
+async fn h11_concurrency(env: &dyn HypervisorEnv, hv: &dyn Hypervisor) -> Verdict {
     let vms: Vec<VmName> = (0..3)
         .map(|i| vm_name(&format!("wspare-ct-h11-{i}")))
         .collect();

@@ -99,17 +99,19 @@ pub async fn run_with(fixture: &dyn ReplicatorFixture, opts: &Options) -> Report
 async fn run_case(fixture: &dyn ReplicatorFixture, i: usize) -> Verdict {
     let env = call("fixture build()", fixture.build()).await?;
     let env = &*env;
+    let r = env.replicator();
+    let r = &*r;
     match i {
-        0 => r1_empty(env).await,
-        1 => r2_monotonic(env).await,
-        2 => r3_complete_or_nothing(env).await,
-        3 => r4_point_in_time(env).await,
-        4 => r5_unknown_generation(env).await,
-        5 => r6_reverse(env).await,
-        6 => r7_verify(env).await,
-        7 => r8_stop(env).await,
-        8 => r9_test_copies(env).await,
-        9 => r10_source_view(env).await,
+        0 => r1_empty(r).await,
+        1 => r2_monotonic(env, r).await,
+        2 => r3_complete_or_nothing(env, r).await,
+        3 => r4_point_in_time(env, r).await,
+        4 => r5_unknown_generation(env, r).await,
+        5 => r6_reverse(env, r).await,
+        6 => r7_verify(env, r).await,
+        7 => r8_stop(env, r).await,
+        8 => r9_test_copies(env, r).await,
+        9 => r10_source_view(env, r).await,
         _ => unreachable!("no replicator case {i}"),
     }
 }
@@ -165,6 +167,13 @@ async fn cycle(
     } else {
         ("sync()", call("sync()", r.sync(&v)).await?)
     };
+    larger(highest, what, &info)?;
+    Ok(Point { info, digest })
+}
+
+/// R2: the generation `what` returned is larger than every earlier one
+/// (`highest`), and becomes the highest.
+fn larger(highest: &mut Option<Generation>, what: &str, info: &GenerationInfo) -> Verdict {
     if let Some(h) = *highest {
         ensure!(
             info.generation > h,
@@ -173,7 +182,7 @@ async fn cycle(
         );
     }
     *highest = Some(info.generation);
-    Ok(Point { info, digest })
+    Ok(())
 }
 
 /// Fails unless `status().newest` is `want`; `after` says what happened.
@@ -224,9 +233,7 @@ fn view_targets(v: &SourceView) -> Option<Vec<String>> {
     }
 }
 
-async fn r1_empty(env: &dyn ReplicatorEnv) -> Verdict {
-    let r = env.replicator();
-    let r = &*r;
+async fn r1_empty(r: &dyn Replicator) -> Verdict {
     let st = call("status()", r.status()).await?;
     ensure!(
         st.newest.is_none(),
@@ -250,9 +257,7 @@ async fn r1_empty(env: &dyn ReplicatorEnv) -> Verdict {
     Ok(())
 }
 
-async fn r2_monotonic(env: &dyn ReplicatorEnv) -> Verdict {
-    let r = env.replicator();
-    let r = &*r;
+async fn r2_monotonic(env: &dyn ReplicatorEnv, r: &dyn Replicator) -> Verdict {
     let caps = r.capabilities();
     let mut highest = None;
     let p = cycle(env, r, true, &mut highest).await?;
@@ -302,9 +307,7 @@ async fn race<T>(fut: impl std::future::Future<Output = T>, after: Duration) -> 
     }
 }
 
-async fn r3_complete_or_nothing(env: &dyn ReplicatorEnv) -> Verdict {
-    let r = env.replicator();
-    let r = &*r;
+async fn r3_complete_or_nothing(env: &dyn ReplicatorEnv, r: &dyn Replicator) -> Verdict {
     let mut highest = None;
     let mut last = cycle(env, r, true, &mut highest).await?;
     let mut interrupted = 0;
@@ -316,14 +319,7 @@ async fn r3_complete_or_nothing(env: &dyn ReplicatorEnv) -> Verdict {
         match race(r.sync(&v), after).await {
             Raced::Done(Ok(info)) => {
                 // Finished before the drop: a normal cycle (R2 holds).
-                if let Some(h) = highest {
-                    ensure!(
-                        info.generation > h,
-                        "sync() returned generation {}, not larger than the earlier {h}",
-                        info.generation
-                    );
-                }
-                highest = Some(info.generation);
+                larger(&mut highest, "sync()", &info)?;
                 last = Point { info, digest: d };
                 expect_newest(r, Some(last.g()), &format!("sync() returned {}", last.g())).await?;
             }
@@ -345,6 +341,7 @@ async fn r3_complete_or_nothing(env: &dyn ReplicatorEnv) -> Verdict {
     if broken {
         write(env, 200).await?;
         let v = view(env).await?;
+        set_step("sync() that the fixture broke midway (break_next_sync)");
         match r.sync(&v).await {
             Ok(info) => fail!(
                 "sync() returned {} although the fixture broke it midway (break_next_sync)",
@@ -367,12 +364,7 @@ async fn r3_complete_or_nothing(env: &dyn ReplicatorEnv) -> Verdict {
     write(env, 300).await?;
     let next = cycle(env, r, false, &mut highest)
         .await
-        .map_err(|s| match s {
-            Stop::Fail(m) => {
-                Stop::Fail(format!("the sync after an interrupted or failed one: {m}"))
-            }
-            s => s,
-        })?;
+        .map_err(|s| s.context("the sync after an interrupted or failed one"))?;
     expect_newest(
         r,
         Some(next.g()),
@@ -383,9 +375,7 @@ async fn r3_complete_or_nothing(env: &dyn ReplicatorEnv) -> Verdict {
     Ok(())
 }
 
-async fn r4_point_in_time(env: &dyn ReplicatorEnv) -> Verdict {
-    let r = env.replicator();
-    let r = &*r;
+async fn r4_point_in_time(env: &dyn ReplicatorEnv, r: &dyn Replicator) -> Verdict {
     let caps = r.capabilities();
     let mut highest = None;
     let targets = view_targets(&view(env).await?);
@@ -416,9 +406,7 @@ async fn r4_point_in_time(env: &dyn ReplicatorEnv) -> Verdict {
     Ok(())
 }
 
-async fn r5_unknown_generation(env: &dyn ReplicatorEnv) -> Verdict {
-    let r = env.replicator();
-    let r = &*r;
+async fn r5_unknown_generation(env: &dyn ReplicatorEnv, r: &dyn Replicator) -> Verdict {
     let mut highest = None;
     let p = cycle(env, r, true, &mut highest).await?;
     let bogus = Generation(p.g().0 + 1000);
@@ -440,9 +428,7 @@ async fn r5_unknown_generation(env: &dyn ReplicatorEnv) -> Verdict {
     Ok(())
 }
 
-async fn r6_reverse(env: &dyn ReplicatorEnv) -> Verdict {
-    let r = env.replicator();
-    let r = &*r;
+async fn r6_reverse(env: &dyn ReplicatorEnv, r: &dyn Replicator) -> Verdict {
     if !r.capabilities().reversible {
         skip!("backend lacks capability reversible");
     }
@@ -462,10 +448,7 @@ async fn r6_reverse(env: &dyn ReplicatorEnv) -> Verdict {
     write(env, 6).await?;
     let p2 = cycle(env, r, false, &mut highest)
         .await
-        .map_err(|s| match s {
-            Stop::Fail(m) => Stop::Fail(format!("after reverse() from {}: {m}", p1.g())),
-            s => s,
-        })?;
+        .map_err(|s| s.context(&format!("after reverse() from {}", p1.g())))?;
     expect_newest(
         r,
         Some(p2.g()),
@@ -476,9 +459,7 @@ async fn r6_reverse(env: &dyn ReplicatorEnv) -> Verdict {
     Ok(())
 }
 
-async fn r7_verify(env: &dyn ReplicatorEnv) -> Verdict {
-    let r = env.replicator();
-    let r = &*r;
+async fn r7_verify(env: &dyn ReplicatorEnv, r: &dyn Replicator) -> Verdict {
     if !r.capabilities().verify {
         skip!("backend lacks capability verify");
     }
@@ -503,9 +484,7 @@ async fn r7_verify(env: &dyn ReplicatorEnv) -> Verdict {
     Ok(())
 }
 
-async fn r8_stop(env: &dyn ReplicatorEnv) -> Verdict {
-    let r = env.replicator();
-    let r = &*r;
+async fn r8_stop(env: &dyn ReplicatorEnv, r: &dyn Replicator) -> Verdict {
     let mut highest = None;
     let p1 = cycle(env, r, true, &mut highest).await?;
     write(env, 8).await?;
@@ -526,9 +505,7 @@ async fn r8_stop(env: &dyn ReplicatorEnv) -> Verdict {
     Ok(())
 }
 
-async fn r9_test_copies(env: &dyn ReplicatorEnv) -> Verdict {
-    let r = env.replicator();
-    let r = &*r;
+async fn r9_test_copies(env: &dyn ReplicatorEnv, r: &dyn Replicator) -> Verdict {
     if !r.capabilities().test_copies {
         skip!("backend lacks capability test_copies");
     }
@@ -563,6 +540,7 @@ async fn r9_test_copies(env: &dyn ReplicatorEnv) -> Verdict {
         r.discard_test_copy(label),
     )
     .await?;
+    set_step("fixture digest() of the discarded test copy");
     if let Ok(d) = env.digest(&copy).await {
         fail!(
             "after discard_test_copy({label}) returned Ok, its disks still exist (digest {d}): {:?}",
@@ -577,9 +555,7 @@ async fn r9_test_copies(env: &dyn ReplicatorEnv) -> Verdict {
     Ok(())
 }
 
-async fn r10_source_view(env: &dyn ReplicatorEnv) -> Verdict {
-    let r = env.replicator();
-    let r = &*r;
+async fn r10_source_view(env: &dyn ReplicatorEnv, r: &dyn Replicator) -> Verdict {
     if !r.capabilities().needs_source_view {
         skip!("backend keeps consistency itself (capability needs_source_view is false)");
     }

@@ -25,6 +25,16 @@ pub(crate) enum Stop {
     Skip(String),
 }
 
+impl Stop {
+    /// Prefixes a failure's message with `context`; a skip stays as it is.
+    pub(crate) fn context(self, context: &str) -> Stop {
+        match self {
+            Stop::Fail(m) => Stop::Fail(format!("{context}: {m}")),
+            skip => skip,
+        }
+    }
+}
+
 /// What a case body returns.
 pub(crate) type Verdict = std::result::Result<(), Stop>;
 

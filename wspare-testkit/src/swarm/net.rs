@@ -362,7 +362,7 @@ mod tests {
     async fn a_cut_link_fails_remote_calls_both_ways_but_not_local_ones() {
         let world = SimWorld::new();
         let net = Net::default();
-        let (a, b) = (NodeId::new("a").unwrap(), NodeId::new("b").unwrap());
+        let a = NodeId::new("a").unwrap();
         let vm = VmName::new("web").unwrap();
         let spec = test_vm(&world, &a, &vm, "wspare.mode=loop");
         let clock = Arc::new(SkewClock::new(world.clock(), 0));
@@ -386,7 +386,6 @@ mod tests {
         net.lock().flaky_hv.insert(0);
         assert!(hv(1).status(&vm).await.is_err());
         hv(0).status(&vm).await.unwrap();
-        let _ = b;
     }
 
     #[test]

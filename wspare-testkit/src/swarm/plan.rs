@@ -103,6 +103,24 @@ pub(crate) struct Plan {
     pub(crate) scripted: bool,
 }
 
+impl Plan {
+    /// A script for `nodes` nodes: exactly `acts`, on a quiet network (no
+    /// loss, 2 ms latency, no jitter, skew or witness); hosts come back only
+    /// when an act says so.
+    pub(crate) fn script(nodes: usize, acts: Vec<(Duration, Act)>) -> Plan {
+        Plan {
+            rates: Rates::default(),
+            loss: 0.0,
+            latency: Duration::from_millis(2),
+            jitter: Duration::ZERO,
+            skew_ms: vec![0; nodes],
+            witness: false,
+            acts,
+            scripted: true,
+        }
+    }
+}
+
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let r = &self.rates;
@@ -183,9 +201,9 @@ pub(crate) fn plan(
     };
     let r = p.rates.clone();
     let secs = |rng: &mut Rng, lo: u64, hi: u64| Duration::from_secs(rng.range(lo, hi));
-    // Each kind of act is a Poisson process over the safety phase; the
-    // last minute stays quiet so the liveness phase starts from a settled
-    // cluster... or not: faults may still be running when it starts.
+    // Each kind of act is a Poisson process over the safety phase, except
+    // its first 20 s and its last 30 s (faults begun earlier may still run
+    // when the liveness phase starts).
     let mut kinds: Vec<(f64, Maker)> = Vec::new();
     let node = move |rng: &mut Rng| rng.below(k as u64) as usize;
     let np = pairs.len();

@@ -24,10 +24,7 @@ use super::net::{Net, SkewClock, SwarmFencer, SwarmHv, SwarmReplicator};
 use super::plan::{plan, Act, Plan, MIN_HOST_DOWN};
 use super::rng::Rng;
 use super::{Failure, Metrics, Stuck, StuckMachine, SwarmConfig, Trace};
-use crate::sim::{
-    test_vm, Fault, SimConfig, SimFencer, SimHypervisor, SimReplicator, SimWorld, TokioClock,
-    DEFAULT_EPOCH,
-};
+use crate::sim::{test_vm, Fault, SimFencer, SimHypervisor, SimReplicator, SimWorld};
 
 mod faults;
 mod operator;
@@ -40,6 +37,17 @@ pub(crate) struct PairDef {
     pub(crate) vm: VmName,
     pub(crate) nodes: [usize; 2],
     pub(crate) spec: VmSpec,
+}
+
+impl PairDef {
+    /// The pair's other node, seen from its node `i`.
+    fn peer_of(&self, i: usize) -> usize {
+        if self.nodes[0] == i {
+            self.nodes[1]
+        } else {
+            self.nodes[0]
+        }
+    }
 }
 
 /// Why an agent is not running.
@@ -250,10 +258,7 @@ impl Sim {
         if let Some(bug) = &cfg.bug {
             enable_bug(&mut policy, bug)?;
         }
-        let world = SimWorld::with_clock(
-            Arc::new(TokioClock::new(DEFAULT_EPOCH)),
-            SimConfig::default(),
-        );
+        let world = SimWorld::new();
         let k = cfg.nodes;
         let nodes: Vec<NodeId> = (0..k).map(node_name).collect();
         for (i, n) in nodes.iter().enumerate() {
@@ -304,11 +309,7 @@ impl Sim {
             let mut configs = Vec::new();
             let mut peers = BTreeSet::new();
             for p in pairs.iter().filter(|p| p.nodes.contains(&i)) {
-                let peer = if p.nodes[0] == i {
-                    p.nodes[1]
-                } else {
-                    p.nodes[0]
-                };
+                let peer = p.peer_of(i);
                 peers.insert(peer);
                 configs.push(PairConfig {
                     pair: p.id.clone(),
@@ -498,11 +499,7 @@ impl Sim {
         let a = &self.agents[i];
         let mut out = BTreeMap::new();
         for p in self.pairs.iter().filter(|p| p.nodes.contains(&i)) {
-            let peer = if p.nodes[0] == i {
-                p.nodes[1]
-            } else {
-                p.nodes[0]
-            };
+            let peer = p.peer_of(i);
             let mut hypervisors: BTreeMap<NodeId, Arc<dyn Hypervisor>> = BTreeMap::new();
             for &n in &p.nodes {
                 hypervisors.insert(
@@ -662,14 +659,7 @@ impl Sim {
         // was decided? Then it is a false failover.
         let decision_target = match &action.op {
             Op::Fence { node } if fencing_for_failover => Some(node.clone()),
-            op if is_failover_start(op) => {
-                let other = self.pairs[j]
-                    .nodes
-                    .iter()
-                    .map(|&n| self.nodes[n].clone())
-                    .find(|n| *n != self.nodes[i]);
-                other
-            }
+            op if is_failover_start(op) => Some(self.nodes[self.pairs[j].peer_of(i)].clone()),
             _ => None,
         };
         if let Some(t) = decision_target {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::plan::{Act, Plan, Rates};
+use super::plan::{Act, Plan};
 use super::{run, SeedReport, SwarmConfig};
 
 /// A scripted failover and what the machines said along the way.
@@ -33,21 +33,16 @@ pub fn story_config() -> SwarmConfig {
 /// is powered on at 130 s, learns it is stale and is resynced; at 200 s
 /// the operator fails the VM back to `node-a` with a planned switchover.
 pub fn story() -> Result<Story, String> {
-    let plan = Plan {
-        rates: Rates::default(),
-        loss: 0.0,
-        latency: Duration::from_millis(2),
-        jitter: Duration::ZERO,
-        skew_ms: vec![0, 0],
-        witness: false,
-        acts: vec![
+    let cfg = story_config();
+    let plan = Plan::script(
+        cfg.nodes,
+        vec![
             (Duration::from_secs(40), Act::HostCrash(0)),
             (Duration::from_secs(130), Act::PowerOn(0)),
             (Duration::from_secs(200), Act::Failback(0)),
         ],
-        scripted: true,
-    };
-    let report = run(1, &story_config(), true, Some(plan))?;
+    );
+    let report = run(1, &cfg, true, Some(plan))?;
     let lines = report
         .trace
         .lines()

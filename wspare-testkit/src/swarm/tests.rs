@@ -4,7 +4,7 @@
 
 use std::time::Instant as Wall;
 
-use super::plan::{Act, Plan, Rates};
+use super::plan::{Act, Plan};
 use super::*;
 use crate::sim::Fault;
 
@@ -144,14 +144,9 @@ fn the_story_tells_a_failover_and_a_failback() {
 /// A node whose fence device stays dead: its pairs block on the failed
 /// fence, and without an operator nothing resolves them.
 fn stuck_plan() -> Plan {
-    Plan {
-        rates: Rates::default(),
-        loss: 0.0,
-        latency: Duration::from_millis(2),
-        jitter: Duration::ZERO,
-        skew_ms: vec![0, 0],
-        witness: false,
-        acts: vec![
+    Plan::script(
+        2,
+        vec![
             (
                 Duration::from_secs(30),
                 Act::World {
@@ -161,8 +156,7 @@ fn stuck_plan() -> Plan {
             ),
             (Duration::from_secs(40), Act::HostCrash(0)),
         ],
-        scripted: true,
-    }
+    )
 }
 
 #[test]

@@ -97,20 +97,10 @@ impl Sim {
                 self.schedule_in(dur, Ev::Heal(Heal::Lossy(id)));
             }
             Act::World { fault, dur } => {
-                let on_lie_node = match &fault {
-                    Fault::HypervisorUnreachable(n)
-                    | Fault::HypervisorHangs(n)
-                    | Fault::FenceFails(n)
-                    | Fault::FenceHangs(n)
-                    | Fault::FenceDeviceDead(n)
-                    | Fault::FenceStuckOn(n)
-                    | Fault::FenceLies(n) => self
-                        .nodes
-                        .iter()
-                        .position(|x| x == n)
-                        .is_some_and(|i| self.lie_conflict(i)),
-                    _ => false,
-                };
+                let on_lie_node = fault
+                    .node()
+                    .and_then(|n| self.nodes.iter().position(|x| x == n))
+                    .is_some_and(|i| self.lie_conflict(i));
                 if on_lie_node {
                     return self.skip(format!("{fault:?}"));
                 }
@@ -192,12 +182,9 @@ impl Sim {
             let s = self.net.lock();
             !s.cut.keys().any(|&(a, b)| a == node || b == node)
         };
-        let faults_clear = !self.world.faults().iter().any(|f| {
-            matches!(f,
-                Fault::HypervisorUnreachable(x) | Fault::HypervisorHangs(x) | Fault::FenceFails(x)
-                | Fault::FenceHangs(x) | Fault::FenceDeviceDead(x) | Fault::FenceStuckOn(x)
-                if *x == n)
-        });
+        // (A `FenceLies` on `n` means an episode runs there: `self.lie` is
+        // not empty then.)
+        let faults_clear = !self.world.faults().iter().any(|f| f.node() == Some(&n));
         let ok = net_clear
             && faults_clear
             && self.lie.is_empty()

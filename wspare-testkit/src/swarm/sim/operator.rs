@@ -197,15 +197,9 @@ impl Sim {
             let machines = p
                 .nodes
                 .iter()
-                .map(|&i| {
-                    let node = self.nodes[i].clone();
-                    match self.machine(i, &p.id) {
-                        None => StuckMachine { node, status: None },
-                        Some(m) => StuckMachine {
-                            node,
-                            status: Some(m.status()),
-                        },
-                    }
+                .map(|&i| StuckMachine {
+                    node: self.nodes[i].clone(),
+                    status: self.machine(i, &p.id).map(Machine::status),
                 })
                 .collect();
             let running_on = (0..2)
