@@ -3,7 +3,7 @@
 //! receipt is built only from a reading of off.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Deserialize;
 use wspare_core::{FenceReceipt, NodeId, PowerState, UnixMillis};
@@ -132,7 +132,7 @@ where
         match status().await {
             Ok(s) if s == wanted => {
                 tracing::info!(device, %node, %op, state = %s, readings = readings + 1, "power read back");
-                return Ok(UnixMillis::from_system_time(SystemTime::now()));
+                return Ok(UnixMillis::now());
             }
             Ok(s) => {
                 readings += 1;

@@ -13,7 +13,7 @@
 //! anything.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use wspare_core::{
@@ -138,7 +138,7 @@ impl Fencer for LibvirtVmFencer {
                 let st = t.hypervisor.status(&t.domain).await?;
                 match st.state {
                     VmState::ShutOff => {
-                        let at = UnixMillis::from_system_time(SystemTime::now());
+                        let at = UnixMillis::now();
                         return FenceReceipt::from_observed_state(
                             node.clone(),
                             t.domain.clone(),

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use virt::connect::Connect;
@@ -86,10 +86,6 @@ impl std::fmt::Debug for LibvirtHypervisor {
             .field("domain_type", &self.inner.domain_type)
             .finish()
     }
-}
-
-fn now_millis() -> UnixMillis {
-    UnixMillis::from_system_time(SystemTime::now())
 }
 
 impl LibvirtHypervisor {
@@ -886,7 +882,7 @@ impl Hypervisor for LibvirtHypervisor {
                         ),
                     });
                 }
-                let at_ms = now_millis();
+                let at_ms = UnixMillis::now();
                 let mut snap = Vec::new();
                 let mut frozen = Vec::new();
                 for d in &disks {

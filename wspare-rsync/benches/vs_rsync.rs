@@ -181,7 +181,7 @@ async fn main() {
             bus: DiskBus::Virtio,
             read_only: false,
         }],
-        at: UnixMillis::from_system_time(std::time::SystemTime::now()),
+        at: UnixMillis::now(),
     };
 
     // Steady state: two generations in the slots, the bare copy one behind.

@@ -269,7 +269,7 @@ impl Env {
     pub fn view_of(&self, disks: &[DiskSpec]) -> SourceView {
         SourceView::Stopped {
             disks: disks.to_vec(),
-            at: UnixMillis::from_system_time(std::time::SystemTime::now()),
+            at: UnixMillis::now(),
         }
     }
 
