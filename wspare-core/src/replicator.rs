@@ -50,7 +50,7 @@ use crate::error::Result;
 use crate::generation::{Generation, GenerationInfo};
 use crate::hypervisor::{Consistency, FrozenDisks};
 use crate::ids::NodeId;
-use crate::spec::DiskSpec;
+use crate::spec::{DiskBus, DiskSpec};
 use crate::time::UnixMillis;
 
 /// What a [`Replicator`] can do.
@@ -88,6 +88,33 @@ pub enum SourceView {
     Frozen(FrozenDisks),
     /// The replicator keeps consistency itself (DRBD, Hyper-V Replica).
     Continuous,
+}
+
+impl SourceView {
+    /// The disks a file-copying cycle reads and their point in time: a
+    /// stopped VM's disks as they are; a frozen VM's disks as [`DiskSpec`]s
+    /// (slot, image and format of the frozen disk, on the default bus,
+    /// read-write). `None` for [`SourceView::Continuous`], which has no
+    /// files to read.
+    pub fn disks(&self) -> Option<(Vec<DiskSpec>, UnixMillis)> {
+        match self {
+            SourceView::Stopped { disks, at } => Some((disks.clone(), *at)),
+            SourceView::Frozen(f) => Some((
+                f.disks
+                    .iter()
+                    .map(|d| DiskSpec {
+                        target: d.target.clone(),
+                        path: d.path.clone(),
+                        format: d.format,
+                        bus: DiskBus::default(),
+                        read_only: false,
+                    })
+                    .collect(),
+                f.at,
+            )),
+            SourceView::Continuous => None,
+        }
+    }
 }
 
 /// A sync cycle in progress.
@@ -190,4 +217,99 @@ pub trait Replicator: Send + Sync {
 
     /// Removes the test copy `label` (R9). Succeeds if it is already gone.
     async fn discard_test_copy(&self, label: &str) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::hypervisor::FrozenDisk;
+    use crate::ids::VmName;
+    use crate::spec::DiskFormat;
+
+    fn disk(
+        target: &str,
+        path: &str,
+        format: DiskFormat,
+        bus: DiskBus,
+        read_only: bool,
+    ) -> DiskSpec {
+        DiskSpec {
+            target: target.into(),
+            path: PathBuf::from(path),
+            format,
+            bus,
+            read_only,
+        }
+    }
+
+    #[test]
+    fn a_stopped_view_gives_its_disks_as_they_are() {
+        let disks = vec![
+            disk(
+                "vda",
+                "/img/a.qcow2",
+                DiskFormat::Qcow2,
+                DiskBus::Scsi,
+                false,
+            ),
+            disk("vdb", "/img/b.raw", DiskFormat::Raw, DiskBus::Virtio, true),
+        ];
+        let view = SourceView::Stopped {
+            disks: disks.clone(),
+            at: UnixMillis(42),
+        };
+        assert_eq!(view.disks(), Some((disks, UnixMillis(42))));
+    }
+
+    #[test]
+    fn a_frozen_view_gives_read_write_disks_on_the_default_bus() {
+        let view = SourceView::Frozen(FrozenDisks {
+            vm: VmName::new("web").unwrap(),
+            at: UnixMillis(7),
+            consistency: Consistency::ApplicationConsistent,
+            disks: vec![
+                FrozenDisk {
+                    target: "vda".into(),
+                    path: PathBuf::from("/img/a.qcow2"),
+                    format: DiskFormat::Qcow2,
+                    overlay: Some(PathBuf::from("/img/a.overlay")),
+                },
+                FrozenDisk {
+                    target: "vdb".into(),
+                    path: PathBuf::from("/img/b.raw"),
+                    format: DiskFormat::Raw,
+                    overlay: None,
+                },
+            ],
+        });
+        assert_eq!(
+            view.disks(),
+            Some((
+                vec![
+                    disk(
+                        "vda",
+                        "/img/a.qcow2",
+                        DiskFormat::Qcow2,
+                        DiskBus::default(),
+                        false
+                    ),
+                    disk(
+                        "vdb",
+                        "/img/b.raw",
+                        DiskFormat::Raw,
+                        DiskBus::default(),
+                        false
+                    ),
+                ],
+                UnixMillis(7)
+            ))
+        );
+    }
+
+    #[test]
+    fn a_continuous_view_has_no_disks() {
+        assert_eq!(SourceView::Continuous.disks(), None);
+    }
 }

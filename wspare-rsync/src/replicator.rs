@@ -6,7 +6,7 @@ use std::sync::Mutex as StdMutex;
 use async_trait::async_trait;
 use tokio::sync::{watch, Mutex};
 use wspare_core::{
-    Consistency, DiskBus, DiskSpec, Generation, GenerationInfo, Progress, Promoted, ReplicaStatus,
+    Consistency, DiskSpec, Generation, GenerationInfo, Progress, Promoted, ReplicaStatus,
     Replicator, ReplicatorCaps, Result, SourceView, UnixMillis,
 };
 
@@ -40,35 +40,18 @@ struct Source {
 
 impl Source {
     fn of(view: &SourceView) -> Result<Source, RsyncError> {
-        let (disks, at, consistency) = match view {
-            SourceView::Continuous => {
-                return Err(RsyncError::InvalidInput(
-                    "the rsync replicator copies image files and needs a stopped or frozen source view; \
-                     copying a running VM's disks would give a torn copy (SourceView::Continuous refused)"
-                        .into(),
-                ))
-            }
-            SourceView::Stopped { disks, at } => (
-                disks.clone(),
-                *at,
-                // A stopped VM's files are at least crash consistent; clean
-                // if it was shut down cleanly, which the view does not say.
-                Consistency::CrashConsistent,
-            ),
-            SourceView::Frozen(f) => (
-                f.disks
-                    .iter()
-                    .map(|d| DiskSpec {
-                        target: d.target.clone(),
-                        path: d.path.clone(),
-                        format: d.format,
-                        bus: DiskBus::default(),
-                        read_only: false,
-                    })
-                    .collect(),
-                f.at,
-                f.consistency,
-            ),
+        let Some((disks, at)) = view.disks() else {
+            return Err(RsyncError::InvalidInput(
+                "the rsync replicator copies image files and needs a stopped or frozen source view; \
+                 copying a running VM's disks would give a torn copy (SourceView::Continuous refused)"
+                    .into(),
+            ));
+        };
+        let consistency = match view {
+            SourceView::Frozen(f) => f.consistency,
+            // A stopped VM's files are at least crash consistent; clean if it
+            // was shut down cleanly, which the view does not say.
+            _ => Consistency::CrashConsistent,
         };
         if disks.is_empty() {
             return Err(RsyncError::InvalidInput(
@@ -759,7 +742,7 @@ mod tests {
     use std::sync::Arc;
 
     use wspare_core::runner::{Reply, ScriptedRunner};
-    use wspare_core::{DiskFormat, ErrorKind, NodeId};
+    use wspare_core::{DiskBus, DiskFormat, ErrorKind, NodeId};
 
     use super::*;
     use crate::host::WRITE_MANIFEST_SH;

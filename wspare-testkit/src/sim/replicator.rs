@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use wspare_core::ids::validate_name;
 use wspare_core::{
-    Consistency, DiskBus, DiskSpec, Error, ErrorKind, Generation, GenerationInfo, NodeId, PairId,
+    Consistency, DiskSpec, Error, ErrorKind, Generation, GenerationInfo, NodeId, PairId,
     PowerState, Progress, Promoted, ReplicaStatus, Replicator, ReplicatorCaps, Result, SourceView,
     UnixMillis,
 };
@@ -169,28 +169,12 @@ impl SimReplicator {
     /// The view's disks (a frozen disk on the default bus) and its point
     /// in time.
     fn source_disks(&self, view: &SourceView) -> Result<(Vec<DiskSpec>, UnixMillis)> {
-        let (disks, at) = match view {
-            SourceView::Continuous => {
-                return Err(self.err(
-                    ErrorKind::InvalidInput,
-                    "it copies files and needs a stopped or frozen source view; Continuous would read a \
-                     running VM's disks",
-                ))
-            }
-            SourceView::Stopped { disks, at } => (disks.clone(), *at),
-            SourceView::Frozen(f) => (
-                f.disks
-                    .iter()
-                    .map(|d| DiskSpec {
-                        target: d.target.clone(),
-                        path: d.path.clone(),
-                        format: d.format,
-                        bus: DiskBus::default(),
-                        read_only: false,
-                    })
-                    .collect(),
-                f.at,
-            ),
+        let Some((disks, at)) = view.disks() else {
+            return Err(self.err(
+                ErrorKind::InvalidInput,
+                "it copies files and needs a stopped or frozen source view; Continuous would read a \
+                 running VM's disks",
+            ));
         };
         if disks.is_empty() {
             return Err(self.err(ErrorKind::InvalidInput, "the source view has no disks"));
@@ -506,7 +490,7 @@ impl Replicator for SimReplicator {
 
 #[cfg(test)]
 mod tests {
-    use wspare_core::DiskFormat;
+    use wspare_core::{DiskBus, DiskFormat};
 
     use super::*;
 

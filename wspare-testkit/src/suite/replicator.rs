@@ -226,11 +226,8 @@ async fn expect_intact(
 }
 
 fn view_targets(v: &SourceView) -> Option<Vec<String>> {
-    match v {
-        SourceView::Stopped { disks, .. } => Some(disks.iter().map(|d| d.target.clone()).collect()),
-        SourceView::Frozen(f) => Some(f.disks.iter().map(|d| d.target.clone()).collect()),
-        SourceView::Continuous => None,
-    }
+    v.disks()
+        .map(|(disks, _)| disks.into_iter().map(|d| d.target).collect())
 }
 
 async fn r1_empty(r: &dyn Replicator) -> Verdict {
