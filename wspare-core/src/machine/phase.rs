@@ -201,6 +201,27 @@ pub enum PhaseName {
 }
 
 impl PhaseName {
+    /// Every phase name, in declaration order (for metrics that list each
+    /// phase, zero or not).
+    pub const ALL: &'static [PhaseName] = &[
+        PhaseName::Seeding,
+        PhaseName::Protected,
+        PhaseName::Degraded,
+        PhaseName::Suspect,
+        PhaseName::Fencing,
+        PhaseName::FenceCheck,
+        PhaseName::Promoting,
+        PhaseName::Starting,
+        PhaseName::Unprotected,
+        PhaseName::Resyncing,
+        PhaseName::Restarting,
+        PhaseName::HandingOver,
+        PhaseName::TakingOver,
+        PhaseName::Stale,
+        PhaseName::Recovering,
+        PhaseName::Blocked,
+    ];
+
     /// Kebab-case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -264,5 +285,55 @@ impl Phase {
                 | Phase::Resyncing
                 | Phase::Stale
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The phase names chained in declaration order. The match is
+    /// exhaustive on purpose: a new variant does not compile here until it
+    /// is put in the chain, and the test below then fails until
+    /// [`PhaseName::ALL`] holds it too.
+    fn next(p: PhaseName) -> Option<PhaseName> {
+        Some(match p {
+            PhaseName::Seeding => PhaseName::Protected,
+            PhaseName::Protected => PhaseName::Degraded,
+            PhaseName::Degraded => PhaseName::Suspect,
+            PhaseName::Suspect => PhaseName::Fencing,
+            PhaseName::Fencing => PhaseName::FenceCheck,
+            PhaseName::FenceCheck => PhaseName::Promoting,
+            PhaseName::Promoting => PhaseName::Starting,
+            PhaseName::Starting => PhaseName::Unprotected,
+            PhaseName::Unprotected => PhaseName::Resyncing,
+            PhaseName::Resyncing => PhaseName::Restarting,
+            PhaseName::Restarting => PhaseName::HandingOver,
+            PhaseName::HandingOver => PhaseName::TakingOver,
+            PhaseName::TakingOver => PhaseName::Stale,
+            PhaseName::Stale => PhaseName::Recovering,
+            PhaseName::Recovering => PhaseName::Blocked,
+            PhaseName::Blocked => return None,
+        })
+    }
+
+    #[test]
+    fn all_holds_every_phase_name_once() {
+        let mut chain = vec![PhaseName::Seeding];
+        while let Some(p) = next(*chain.last().unwrap()) {
+            assert!(!chain.contains(&p), "{p} twice in the chain");
+            chain.push(p);
+        }
+        assert_eq!(PhaseName::ALL, chain.as_slice());
+        for p in PhaseName::ALL {
+            assert_eq!(
+                PhaseName::ALL
+                    .iter()
+                    .filter(|q| q.as_str() == p.as_str())
+                    .count(),
+                1,
+                "{p} named twice"
+            );
+        }
     }
 }

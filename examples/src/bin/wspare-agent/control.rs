@@ -199,20 +199,6 @@ async fn one(stream: UnixStream, agent: &Agent) -> Result<()> {
     Ok(())
 }
 
-fn cmd_name(c: &Command) -> &'static str {
-    match c {
-        Command::Switchover => "switchover",
-        Command::Failback => "failback",
-        Command::TestFailover { .. } => "test-failover",
-        Command::EndTest => "end-test",
-        Command::Maintenance(true) => "maintenance on",
-        Command::Maintenance(false) => "maintenance off",
-        Command::ConfirmDown(_) => "confirm-down",
-        Command::StandDown => "stand-down",
-        Command::Resume { .. } => "resume",
-    }
-}
-
 fn status_of(rt: &Runtime, pair: &PairId) -> Option<PairStatus> {
     rt.handle.status().borrow().get(pair).cloned()
 }
@@ -235,7 +221,7 @@ fn not_here(rt: &Runtime, pair: &PairId) -> Response {
 /// one that takes it.
 async fn command(rt: &Runtime, pair: &PairId, cmd: Command) -> Response {
     let local = &rt.settings.local;
-    let name = cmd_name(&cmd);
+    let name = cmd.name();
     let (Some(st), Some(p)) = (
         status_of(rt, pair),
         rt.settings.local_pairs().find(|p| p.name == *pair),

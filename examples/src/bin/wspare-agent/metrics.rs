@@ -189,7 +189,7 @@ impl Metrics {
             status
                 .iter()
                 .flat_map(|(p, st)| {
-                    ALL_PHASES.iter().map(move |phase| {
+                    PhaseName::ALL.iter().map(move |phase| {
                         (
                             format!("{{pair=\"{p}\",node=\"{local}\",phase=\"{phase}\"}}"),
                             u8::from(st.phase == *phase).to_string(),
@@ -364,25 +364,6 @@ impl Metrics {
         o
     }
 }
-
-const ALL_PHASES: [PhaseName; 16] = [
-    PhaseName::Seeding,
-    PhaseName::Protected,
-    PhaseName::Degraded,
-    PhaseName::Suspect,
-    PhaseName::Fencing,
-    PhaseName::FenceCheck,
-    PhaseName::Promoting,
-    PhaseName::Starting,
-    PhaseName::Unprotected,
-    PhaseName::Resyncing,
-    PhaseName::Restarting,
-    PhaseName::HandingOver,
-    PhaseName::TakingOver,
-    PhaseName::Stale,
-    PhaseName::Recovering,
-    PhaseName::Blocked,
-];
 
 /// Serves `GET /metrics` on `listener` with what `page` renders, until the
 /// task is aborted.
