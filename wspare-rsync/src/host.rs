@@ -103,7 +103,7 @@ impl<'a> Host<'a> {
                     })
             }
             Err(e) if symptom_of(&e) == Symptom::NoSuchFile => Ok(None),
-            Err(e) => Err(self.fail("reading the manifest", e)),
+            Err(e) => Err(self.fail(format!("reading the manifest {}", path.display()), e)),
         }
     }
 

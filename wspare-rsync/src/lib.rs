@@ -186,6 +186,7 @@
 //! ```
 
 pub mod config;
+pub mod direction;
 pub mod error;
 mod host;
 pub mod manifest;
@@ -194,5 +195,6 @@ mod replicator;
 pub mod transfer;
 
 pub use config::{BlockSize, Endpoint, Options, Reach};
+pub use direction::{direction, read_direction, read_manifest, Direction};
 pub use error::RsyncError;
 pub use replicator::{test_dir, CycleStats, RsyncReplicator, CAPS};

@@ -11,6 +11,7 @@ use wspare_core::{
 };
 
 use crate::config::{check_name, check_path, Endpoint, Options, Reach};
+use crate::direction::other_pair;
 use crate::error::RsyncError;
 use crate::host::Host;
 use crate::manifest::{disk_file, slot_dir, slot_file, DiskRecord, Manifest, Role, SlotGeneration};
@@ -233,12 +234,7 @@ impl RsyncReplicator {
     ) -> Result<(), RsyncError> {
         let node = &ep.node;
         if m.pair != self.name {
-            return Err(RsyncError::Conflict(format!(
-                "replica directory {} on {node} belongs to pair {:?}, not {:?}: each pair needs a replica directory of its own",
-                ep.replica_dir.display(),
-                m.pair,
-                self.name
-            )));
+            return Err(RsyncError::Conflict(other_pair(ep, &m.pair, &self.name)));
         }
         if m.epoch > epoch {
             return Err(RsyncError::Conflict(format!(

@@ -47,8 +47,7 @@ use wspare_core::{
 };
 use wspare_fence::ipmi::{IpmiDevice, IpmiFencer, IpmiPassword};
 use wspare_libvirt::{DomainType, LibvirtConfig, LibvirtHypervisor};
-use wspare_rsync::manifest::{Manifest, Role, MANIFEST};
-use wspare_rsync::{Endpoint, Options, Reach, RsyncReplicator};
+use wspare_rsync::{read_direction, Endpoint, Options, Reach, RsyncReplicator};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -202,29 +201,26 @@ fn subst(p: &std::path::Path, node: &NodeId) -> PathBuf {
     PathBuf::from(p.to_string_lossy().replace("{node}", node.as_str()))
 }
 
-/// Reads `host`'s manifest (`None`: none, or unreachable).
-async fn manifest(h: &Host) -> Option<Manifest> {
-    let cmd = wspare_core::runner::Command::new("cat")
-        .arg("--")
-        .arg(h.endpoint.replica_dir.join(MANIFEST).display().to_string())
-        .timeout(Duration::from_secs(30));
-    let out = h.endpoint.runner.run(&cmd).await.ok()?;
-    Manifest::parse(&out.stdout).ok()
-}
-
-/// (source, target): the host whose manifest has the highest direction
-/// epoch names the source (itself if its role is `source`, else the other);
-/// without manifests, the primary.
-async fn direction<'h>(p: &'h Host, s: &'h Host) -> (&'h Host, &'h Host) {
-    let (mp, ms) = tokio::join!(manifest(p), manifest(s));
-    let best = [(p, s, mp), (s, p, ms)]
-        .into_iter()
-        .filter_map(|(me, other, m)| m.map(|m| (me, other, m)))
-        .max_by_key(|(_, _, m)| (m.epoch, m.role == Role::Source));
-    match best {
-        Some((me, other, m)) if m.role == Role::Source => (me, other),
-        Some((me, other, _)) => (other, me),
-        None => (p, s),
+/// (source, target) as the manifests on both hosts say
+/// ([`wspare_rsync::read_direction`]); without manifests, the primary is
+/// the source. A manifest that cannot be read (a host down) is left out,
+/// with a note.
+async fn direction<'h>(vm: &VmName, p: &'h Host, s: &'h Host) -> (&'h Host, &'h Host) {
+    let (d, unread) = read_direction(
+        vm.as_str(),
+        &p.node,
+        &p.endpoint,
+        &s.endpoint,
+        &Options::default(),
+    )
+    .await;
+    for e in unread {
+        eprintln!("{vm}: leaving a manifest out of the direction: {e}");
+    }
+    if d.source == p.node {
+        (p, s)
+    } else {
+        (s, p)
     }
 }
 
@@ -333,7 +329,7 @@ async fn run(a: Args) -> Result<()> {
     let vm = a.vm.clone();
     match a.cmd {
         Cmd::Run { interval } => loop {
-            let (src, tgt) = direction(&primary, &spare).await;
+            let (src, tgt) = direction(&vm, &primary, &spare).await;
             match sync(&vm, src, tgt).await {
                 Ok(g) => println!("{vm}: {g} complete on {}", tgt.node),
                 // A failed cycle leaves the previous copy intact: try again.
@@ -342,14 +338,14 @@ async fn run(a: Args) -> Result<()> {
             tokio::time::sleep(interval).await;
         },
         Cmd::Sync => {
-            let (src, tgt) = direction(&primary, &spare).await;
+            let (src, tgt) = direction(&vm, &primary, &spare).await;
             let g = sync(&vm, src, tgt)
                 .await
                 .with_context(|| format!("{vm}: sync {} -> {}", src.node, tgt.node))?;
             println!("{vm}: {g} complete on {}", tgt.node);
         }
         Cmd::Status => {
-            let (src, tgt) = direction(&primary, &spare).await;
+            let (src, tgt) = direction(&vm, &primary, &spare).await;
             let st = replicator(&vm, src, tgt)?.status().await?;
             println!("{vm}: {} -> {}", st.source, st.target);
             for g in st.generations {
@@ -368,7 +364,7 @@ async fn run(a: Args) -> Result<()> {
             ipmi_password_file,
             primary_is_off,
         } => {
-            let (src, tgt) = direction(&primary, &spare).await;
+            let (src, tgt) = direction(&vm, &primary, &spare).await;
             if tgt.node != spare.node {
                 bail!(
                     "{} is the replication source already (failed over before); use failback",
@@ -437,7 +433,7 @@ async fn run(a: Args) -> Result<()> {
             );
         }
         Cmd::Failback { shutdown_timeout } => {
-            let (src, tgt) = direction(&primary, &spare).await;
+            let (src, tgt) = direction(&vm, &primary, &spare).await;
             if src.node != spare.node {
                 bail!(
                     "{} is not the replication source: nothing to fail back",

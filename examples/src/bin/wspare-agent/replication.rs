@@ -10,10 +10,9 @@
 //! failover.
 //!
 //! [`Directed`] rebuilds it from the truth on disk: before each operation
-//! it reads both manifests (the replica directory of each node) and takes
-//! the direction of the one with the highest direction epoch: a manifest
-//! whose role is `source` names its own node, one whose role is `target`
-//! names the other node. With no manifest (a new pair), the configured
+//! it reads both manifests (the replica directory of each node) with
+//! [`wspare_rsync::read_direction`]: the one with the highest direction
+//! epoch names the source; with no manifest (a new pair), the configured
 //! primary is the source. A manifest that cannot be read (a node down) is
 //! left out; if that hides the direction, operations on the unreachable
 //! side fail as they would anyway. The replicator is rebuilt only when
@@ -23,50 +22,13 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use wspare_core::runner::Command;
 use wspare_core::{
     DiskSpec, Error, ErrorKind, Generation, GenerationInfo, NodeId, PairId, Progress, Promoted,
     ReplicaStatus, Replicator, ReplicatorCaps, Result, SourceView, UnixMillis,
 };
-use wspare_rsync::manifest::{Manifest, Role, MANIFEST};
-use wspare_rsync::{Endpoint, Options, RsyncReplicator};
+use wspare_rsync::{read_direction, Direction, Endpoint, Options, RsyncReplicator};
 
 use crate::metrics::Metrics;
-
-/// Which way the pair replicates, as the manifests say.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Direction {
-    pub(crate) source: NodeId,
-    pub(crate) epoch: u64,
-}
-
-/// The direction from what each node's manifest says (`None`: no manifest
-/// or unreadable).
-pub(crate) fn direction(
-    primary: &NodeId,
-    manifests: &[(NodeId, Option<Manifest>)],
-    other: impl Fn(&NodeId) -> NodeId,
-) -> Direction {
-    let best = manifests
-        .iter()
-        .filter_map(|(n, m)| m.as_ref().map(|m| (n, m)))
-        // Highest epoch; at equal epochs, the source's word.
-        .max_by_key(|(_, m)| (m.epoch, m.role == Role::Source));
-    match best {
-        Some((n, m)) if m.role == Role::Source => Direction {
-            source: n.clone(),
-            epoch: m.epoch,
-        },
-        Some((n, m)) => Direction {
-            source: other(n),
-            epoch: m.epoch,
-        },
-        None => Direction {
-            source: primary.clone(),
-            epoch: 0,
-        },
-    }
-}
 
 /// An [`RsyncReplicator`] that follows the direction on disk. See the
 /// module docs.
@@ -115,42 +77,27 @@ impl Directed {
             .unwrap_or_else(|| n.clone())
     }
 
-    async fn read_manifest(&self, ep: &Endpoint) -> Option<Manifest> {
-        let path = ep.replica_dir.join(MANIFEST);
-        let cmd = Command::new("cat")
-            .arg("--")
-            .arg(path.display().to_string())
-            .timeout(self.opts.command_timeout);
-        match ep.runner.run(&cmd).await {
-            Ok(o) => match Manifest::parse(&o.stdout) {
-                Ok(m) if m.pair == self.pair.as_str() => Some(m),
-                Ok(m) => {
-                    tracing::warn!(pair = %self.pair, node = %ep.node, other = %m.pair, "the replica directory belongs to another pair; ignoring its manifest");
-                    None
-                }
-                Err(e) => {
-                    tracing::warn!(pair = %self.pair, node = %ep.node, path = %path.display(), error = %e, "unreadable manifest");
-                    None
-                }
-            },
-            Err(e) => {
-                if !e.stderr_tail().contains("No such file") {
-                    tracing::debug!(pair = %self.pair, node = %ep.node, error = %e, "cannot read the manifest");
-                }
-                None
-            }
-        }
-    }
-
     /// The direction now, from both manifests.
     pub(crate) async fn resolve(&self) -> Direction {
         let eps: Vec<&Endpoint> = self.ends.values().collect();
-        let (m0, m1) = tokio::join!(self.read_manifest(eps[0]), self.read_manifest(eps[1]));
-        direction(
+        let (d, unread) = read_direction(
+            self.pair.as_str(),
             &self.primary,
-            &[(eps[0].node.clone(), m0), (eps[1].node.clone(), m1)],
-            |n| self.other(n),
+            eps[0],
+            eps[1],
+            &self.opts,
         )
+        .await;
+        for e in unread {
+            // A node that is down is expected (a failover); anything else
+            // (a corrupt manifest, another pair's directory) is worth a look.
+            if matches!(e.kind(), ErrorKind::Unreachable | ErrorKind::Timeout) {
+                tracing::debug!(pair = %self.pair, error = %e, "cannot read a manifest; leaving it out");
+            } else {
+                tracing::warn!(pair = %self.pair, error = %e, "ignoring a manifest");
+            }
+        }
+        d
     }
 
     /// The replicator for the direction on disk, rebuilt if it changed.
@@ -291,61 +238,5 @@ impl Replicator for LocalDirected {
 
     async fn discard_test_copy(&self, label: &str) -> Result<()> {
         self.inner.inner().await?.discard_test_copy(label).await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn n(s: &str) -> NodeId {
-        NodeId::new(s).unwrap()
-    }
-
-    fn m(epoch: u64, role: Role) -> Option<Manifest> {
-        Some(Manifest::new("web", epoch, role))
-    }
-
-    fn dir(ms: &[(&str, Option<Manifest>)]) -> (String, u64) {
-        let v: Vec<(NodeId, Option<Manifest>)> =
-            ms.iter().map(|(k, m)| (n(k), m.clone())).collect();
-        let d = direction(
-            &n("a"),
-            &v,
-            |x| if x.as_str() == "a" { n("b") } else { n("a") },
-        );
-        (d.source.to_string(), d.epoch)
-    }
-
-    #[test]
-    fn the_direction_follows_the_newest_manifest() {
-        // New pair: the primary.
-        assert_eq!(dir(&[("a", None), ("b", None)]), ("a".into(), 0));
-        // First cycles: b is the target.
-        assert_eq!(
-            dir(&[("a", None), ("b", m(0, Role::Target))]),
-            ("a".into(), 0)
-        );
-        // b took over and reversed; a was unreachable.
-        assert_eq!(
-            dir(&[("a", None), ("b", m(1, Role::Source))]),
-            ("b".into(), 1)
-        );
-        // ... and reachable.
-        assert_eq!(
-            dir(&[("a", m(1, Role::Target)), ("b", m(1, Role::Source))]),
-            ("b".into(), 1)
-        );
-        // Failback: a reversed again; b still has its old source manifest
-        // (unreachable then).
-        assert_eq!(
-            dir(&[("a", m(2, Role::Source)), ("b", m(1, Role::Source))]),
-            ("a".into(), 2)
-        );
-        // Only the target is readable: the other one is the source.
-        assert_eq!(
-            dir(&[("a", m(2, Role::Target)), ("b", None)]),
-            ("b".into(), 2)
-        );
     }
 }
