@@ -69,13 +69,6 @@ impl Drop for Domains {
     }
 }
 
-fn counter_in(line: &str) -> u64 {
-    line.trim_start_matches("WSPARE-COUNTER")
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_guest_replicated_by_rsync_boots_from_the_promoted_generation() {
     require_libvirtd();
@@ -113,7 +106,7 @@ async fn a_running_guest_replicated_by_rsync_boots_from_the_promoted_generation(
     hv.define(&spec).await.unwrap();
     hv.start(&primary).await.unwrap();
     let log = hv.console_log(&primary).unwrap();
-    guest::wait_for_marker(&log, "WSPARE-COUNTER", BOOT)
+    guest::wait_for_marker(&log, guest::COUNTER_MARKER, BOOT)
         .await
         .unwrap();
 
@@ -194,12 +187,12 @@ async fn a_running_guest_replicated_by_rsync_boots_from_the_promoted_generation(
     hv.define(&spare_spec).await.unwrap();
     hv.start(&spare).await.unwrap();
     let spare_log = hv.console_log(&spare).unwrap();
-    let line = guest::wait_for_marker(&spare_log, "WSPARE-COUNTER", BOOT)
+    let line = guest::wait_for_marker(&spare_log, guest::COUNTER_MARKER, BOOT)
         .await
         .unwrap();
     assert_eq!(
-        counter_in(&line),
-        frozen_at + 1,
+        guest::console_counters(&line)[..],
+        [frozen_at + 1],
         "the spare started from counter {frozen_at}, the value in {newest}; console:\n{}",
         guest::read_console(&spare_log)
     );

@@ -129,10 +129,9 @@ impl Drop for Lab {
 
 /// The last `WSPARE-COUNTER <n>` on a console log.
 fn last_counter(log: &Path) -> Option<u64> {
-    guest::read_console(log)
-        .lines()
-        .filter_map(|l| l.trim_end().strip_prefix("WSPARE-COUNTER ")?.parse().ok())
-        .next_back()
+    guest::console_counters(&guest::read_console(log))
+        .last()
+        .copied()
 }
 
 async fn wait_counter_at_least(log: &Path, n: u64, timeout: Duration) -> u64 {
@@ -193,7 +192,7 @@ async fn define_start_marker_poweroff_restart_counter() {
     let t0 = Instant::now();
     lab.hv.start(&vm).await.unwrap();
     let log = lab.console(&vm);
-    let line = guest::wait_for_marker(&log, "WSPARE-COUNTER", BOOT)
+    let line = guest::wait_for_marker(&log, guest::COUNTER_MARKER, BOOT)
         .await
         .unwrap();
     assert_eq!(line, "WSPARE-COUNTER 1");
@@ -220,7 +219,7 @@ async fn define_start_marker_poweroff_restart_counter() {
     );
 
     lab.hv.start(&vm).await.unwrap();
-    let line = guest::wait_for_marker(&log, "WSPARE-COUNTER", BOOT)
+    let line = guest::wait_for_marker(&log, guest::COUNTER_MARKER, BOOT)
         .await
         .unwrap();
     assert_eq!(

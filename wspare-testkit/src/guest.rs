@@ -13,7 +13,8 @@
 //! This module builds the guest once per process (the script caches its
 //! output across runs), makes fresh disk images, gives a [`VmSpec`] that
 //! boots the guest with direct kernel boot, reads the counter from an
-//! image, and waits for a marker in a console log file. It runs nothing in
+//! image, waits for a marker in a console log file and reads the counters
+//! printed there ([`console_counters`]). It runs nothing in
 //! a hypervisor itself.
 //!
 //! ```no_run
@@ -246,6 +247,27 @@ pub fn read_console(log: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The marker the guest prints after each successful write of its counter.
+pub const COUNTER_MARKER: &str = "WSPARE-COUNTER";
+
+/// The counter values the guest printed (`WSPARE-COUNTER <n>`) in console
+/// text (a log from [`read_console`], or one line of it), in order. A
+/// marker may stand anywhere in a line (console output interleaves); one
+/// without a number after it (a line cut short) is skipped.
+pub fn console_counters(text: &str) -> Vec<u64> {
+    text.lines()
+        .flat_map(|l| l.split(COUNTER_MARKER).skip(1))
+        .filter_map(|rest| {
+            // The marker is followed by one space and the number.
+            rest.strip_prefix(' ')?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
 /// Waits until a line of the console log `log` contains `needle` and
 /// returns that line; fails with `Timeout` after `timeout`, showing the end
 /// of the log.
@@ -295,6 +317,21 @@ mod tests {
             "wspare.mode=loop wspare.interval_ms=200"
         );
         assert_eq!(GuestMode::Once.cmdline(), "wspare.mode=once");
+    }
+
+    #[test]
+    fn counters_on_a_console() {
+        let log = "WSPARE-BOOT mode=loop kernel=6.1 uptime=3.1\r\n\
+                   WSPARE-COUNTER 1\r\n\
+                   [    4.2] random: crng init done WSPARE-COUNTER 2\r\n\
+                   WSPARE-COUNTER\r\n\
+                   WSPARE-COUNTER x\n\
+                   WSPARE-COUNTER 10\n\
+                   WSPARE-POWEROFF\n";
+        assert_eq!(console_counters(log), vec![1, 2, 10]);
+        assert_eq!(console_counters("WSPARE-COUNTER 7"), vec![7]);
+        assert!(console_counters("").is_empty());
+        assert!(console_counters("WSPARE-BOOT mode=once\n").is_empty());
     }
 
     #[tokio::test]

@@ -181,15 +181,8 @@ impl Drop for Snooper {
 
 /// The `WSPARE-COUNTER` values of a console log, in order.
 pub(crate) fn counters(log: &Path) -> Vec<u64> {
-    wspare_testkit::guest::read_console(log)
-        .lines()
-        .filter_map(|l| {
-            l.trim_end_matches('\r')
-                .split("WSPARE-COUNTER ")
-                .nth(1)
-                .and_then(|n| n.trim().parse().ok())
-        })
-        .collect()
+    let guest = wspare_testkit::guest::read_console(log);
+    wspare_testkit::guest::console_counters(&guest)
 }
 
 /// Waits for the first counter on a console (a booted guest); returns it
