@@ -225,7 +225,10 @@ pub struct Config {
     path: Option<PathBuf>,
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
+/// The 1-based line of byte `offset` in config text `text` (an offset past
+/// the end counts as the last line). For the spans of `toml`'s errors and
+/// of [`Spanned`] values; with a parsed [`Config`], use [`Config::line_at`].
+pub fn line_of(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()
         .filter(|b| **b == b'\n')
@@ -449,8 +452,15 @@ impl Config {
             .map_err(|e| self.error_at(field, v.span().start, e.message().trim_end().to_string()))
     }
 
+    /// The 1-based line of byte `offset` in the text this config was parsed
+    /// from: where a [`Spanned`] value of it (`table.span().start`) stands,
+    /// for errors about the tables the core keeps raw.
+    pub fn line_at(&self, offset: usize) -> usize {
+        line_of(&self.text, offset)
+    }
+
     fn error_at(&self, field: &str, offset: usize, message: String) -> ConfigErrors {
-        let line = Some(line_of(&self.text, offset));
+        let line = Some(self.line_at(offset));
         ConfigErrors::one(self.path.clone(), field, line, message)
     }
 }

@@ -224,3 +224,17 @@ fn arbitrary_text_never_panics() {
         let _ = Config::parse(s);
     }
 }
+
+#[test]
+fn offsets_map_to_lines() {
+    assert_eq!(line_of("", 0), 1);
+    assert_eq!(line_of("a\nb\n", 0), 1);
+    assert_eq!(line_of("a\nb\n", 2), 2);
+    assert_eq!(line_of("a\nb\n", 99), 3);
+    let c = Config::parse(GOOD).unwrap();
+    // GOOD starts with a newline: `name = "node-a"` is on line 11,
+    // `name = "node-b"` on line 16, the second pair's name on line 27.
+    assert_eq!(c.line_at(c.nodes[0].name.span().start), 11);
+    assert_eq!(c.line_at(c.nodes[1].name.span().start), 16);
+    assert_eq!(c.line_at(c.pairs[1].name.span().start), 27);
+}

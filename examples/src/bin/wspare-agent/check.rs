@@ -24,7 +24,7 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use wspare_core::config::{ClusterConfig, Config, ConfigError};
+use wspare_core::config::{line_of, ClusterConfig, Config, ConfigError};
 use wspare_core::detector::DetectorConfig;
 use wspare_core::driver::Deadlines;
 use wspare_core::machine::Policy;
@@ -55,7 +55,7 @@ pub(crate) fn check(text: &str, path: &Path) -> Report {
         Err(e) => {
             r.errors.push(ConfigError {
                 field: String::new(),
-                line: e.span().map(|s| settings::line_in(text, s.start)),
+                line: e.span().map(|s| line_of(text, s.start)),
                 message: e
                     .message()
                     .trim_end()
@@ -103,7 +103,7 @@ fn semantic(text: &str, path: &Path, r: &mut Report) {
             return;
         }
     };
-    match settings::decode(core.clone(), text, path) {
+    match settings::decode(core.clone(), path) {
         Ok(d) => {
             r.warnings.extend(d.warnings.clone());
             if let Err(e) = crate::fencing::topology(&d.nodes, &core) {

@@ -57,16 +57,40 @@ pub(crate) fn topology(
         );
     }
     fc.build(Arc::new(LocalRunner)).map_err(|e| {
-        let (field, message) = match e {
-            FenceError::Config { field, why } => (config_field(&field), why),
-            other => ("fence".into(), other.to_string()),
+        let (field, line, message) = match e {
+            FenceError::Config { field, why } => {
+                (config_field(&field), fence_line(&field, core), why)
+            }
+            other => ("fence".into(), None, other.to_string()),
         };
         ConfigError {
             field,
-            line: None,
+            line,
             message,
         }
     })
+}
+
+/// The line of the `fence` table (or, without one, the name) of the node
+/// that a field of the fence crate names (`devices.node-a.fence.2.host`,
+/// `nodes.node-a.levels`).
+fn fence_line(field: &str, core: &Config) -> Option<usize> {
+    let names = |prefix: &str, rest: fn(&str) -> bool, name: &str| {
+        field
+            .strip_prefix(prefix)
+            .and_then(|f| f.strip_prefix(name))
+            .is_some_and(rest)
+    };
+    let n = core.nodes.iter().find(|n| {
+        let name = n.name.get_ref().as_str();
+        names("devices.", |r| r.starts_with(".fence"), name)
+            || names("nodes.", |r| r.is_empty() || r.starts_with('.'), name)
+    })?;
+    let at = n
+        .fence
+        .as_ref()
+        .map_or(n.name.span().start, |f| f.span().start);
+    Some(core.line_at(at))
 }
 
 /// `devices.node-a.fence.2.host` in the agent's terms:
@@ -162,5 +186,19 @@ mod tests {
         );
         assert_eq!(config_field("devices.node-a.fence"), "node[node-a].fence");
         assert_eq!(config_field("nodes.x.levels"), "nodes.x.levels");
+    }
+
+    #[test]
+    fn a_topology_error_names_the_line_of_the_nodes_fence_table() {
+        let text = include_str!("../../../tests/data/two-nodes.toml")
+            .replace("host = \"10.1.0.2\"", "host = \"-10.1.0.2\"");
+        let core = Config::parse(&text).unwrap();
+        let d = crate::settings::decode(core.clone(), std::path::Path::new("t.toml")).unwrap();
+        let Err(e) = topology(&d.nodes, &core) else {
+            panic!("a host of \"-10.1.0.2\" was accepted");
+        };
+        assert_eq!(e.field, "node[node-b].fence.host");
+        // `[node.fence]` of node-b.
+        assert_eq!(e.line, Some(30));
     }
 }

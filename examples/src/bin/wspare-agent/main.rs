@@ -314,9 +314,9 @@ async fn client(cli: &Cli) -> Result<ExitCode> {
 /// agent while the file holds an error the agent refused at a reload: only
 /// `[agent] control-socket` and the node names are read then.
 fn socket_from_config(cli: &Cli) -> Result<PathBuf> {
-    if let Ok((core, text)) = settings::read(&cli.config) {
+    if let Ok(core) = Config::load(&cli.config) {
         let local = local_node(cli, &core)?;
-        if let Ok(s) = Settings::from_core(core, &text, &cli.config, &local) {
+        if let Ok(s) = Settings::from_core(core, &cli.config, &local) {
             return Ok(s.socket());
         }
     }
@@ -364,7 +364,7 @@ fn load_settings(path: &Path, local: &NodeId) -> Result<Settings> {
 
 async fn run_daemon(cli: &Cli) -> Result<ExitCode> {
     let notifier = notify::Notifier::from_env();
-    let (core, _) = settings::read(&cli.config).map_err(|e| config_error(e, &cli.config))?;
+    let core = Config::load(&cli.config).map_err(|e| config_error(e, &cli.config))?;
     let local = local_node(cli, &core)?;
     let settings = load_settings(&cli.config, &local)?;
     let boot = runtime::next_boot(&settings.state_dir())?;

@@ -365,7 +365,7 @@ pub(crate) struct Decoded {
 
 /// Decodes the agent's tables of a validated core config. Every error
 /// names its field and line; all of them are collected.
-pub(crate) fn decode(core: Config, text: &str, path: &Path) -> Result<Decoded, ConfigErrors> {
+pub(crate) fn decode(core: Config, path: &Path) -> Result<Decoded, ConfigErrors> {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     let agent = match &core.agent {
@@ -386,7 +386,7 @@ pub(crate) fn decode(core: Config, text: &str, path: &Path) -> Result<Decoded, C
         }
     };
     if let Some(a) = &agent {
-        let line = core.agent.as_ref().map(|t| line_in(text, t.span().start));
+        let line = core.agent.as_ref().map(|t| core.line_at(t.span().start));
         if a.key_file.is_none() {
             errors.push(one(
                 "agent.key-file".into(),
@@ -441,7 +441,7 @@ pub(crate) fn decode(core: Config, text: &str, path: &Path) -> Result<Decoded, C
                 if in_pairs.contains(&&name) {
                     errors.push(one(
                             format!("{field}.hypervisor"),
-                            Some(line_in(text, n.name.span().start)),
+                            Some(core.line_at(n.name.span().start)),
                             "missing: which hypervisor runs this node's VMs (type = \"libvirt\", uri, peer-uri)",
                         ));
                 }
@@ -454,7 +454,7 @@ pub(crate) fn decode(core: Config, text: &str, path: &Path) -> Result<Decoded, C
             match peer_host {
                     None => errors.push(one(
                         format!("{field}.hypervisor.peer-uri"),
-                        Some(line_in(text, n.name.span().start)),
+                        Some(core.line_at(n.name.span().start)),
                         format!(
                             "{:?} names no host: the peer reaches this node's libvirt over the network (qemu+ssh://root@{hb}/system)",
                             l.peer_uri
@@ -468,7 +468,7 @@ pub(crate) fn decode(core: Config, text: &str, path: &Path) -> Result<Decoded, C
             if let Err(e) = wspare_libvirt::Driver::from_uri(&l.uri) {
                 errors.push(one(
                     format!("{field}.hypervisor.uri"),
-                    Some(line_in(text, n.name.span().start)),
+                    Some(core.line_at(n.name.span().start)),
                     e.message().to_string(),
                 ));
             }
@@ -490,7 +490,7 @@ pub(crate) fn decode(core: Config, text: &str, path: &Path) -> Result<Decoded, C
                 if in_pairs.contains(&&name) {
                     errors.push(one(
                             format!("{field}.fence"),
-                            Some(line_in(text, n.name.span().start)),
+                            Some(core.line_at(n.name.span().start)),
                             "missing: how the peer powers this node off ([node.fence] type = \"ipmi\" | \"redfish\" | \"fence-agent\")",
                         ));
                 }
@@ -520,7 +520,7 @@ pub(crate) fn decode(core: Config, text: &str, path: &Path) -> Result<Decoded, C
                         if !rs.dir.to_string_lossy().starts_with('/') {
                             errors.push(one(
                                 format!("{field}.replication.dir"),
-                                Some(line_in(text, t.span().start)),
+                                Some(core.line_at(t.span().start)),
                                 format!("{} is not an absolute path", rs.dir.display()),
                             ));
                         }
@@ -528,7 +528,7 @@ pub(crate) fn decode(core: Config, text: &str, path: &Path) -> Result<Decoded, C
                             if n != "auto" && n != "rsync" {
                                 errors.push(one(
                                     format!("{field}.replication.block-size"),
-                                    Some(line_in(text, t.span().start)),
+                                    Some(core.line_at(t.span().start)),
                                     format!("{n:?}: expected \"auto\", \"rsync\" or a size in bytes"),
                                 ));
                             }
@@ -545,7 +545,7 @@ pub(crate) fn decode(core: Config, text: &str, path: &Path) -> Result<Decoded, C
                 },
                 None => errors.push(one(
                     format!("{field}.replication"),
-                    Some(line_in(text, p.name.span().start)),
+                    Some(core.line_at(p.name.span().start)),
                     "missing: how the VM's disks reach the spare ([pair.replication] type = \"rsync\", dir)",
                 )),
             }
@@ -569,7 +569,6 @@ impl Settings {
     /// Decodes a validated core config for the agent on `local`.
     pub(crate) fn from_core(
         core: Config,
-        text: &str,
         path: &Path,
         local: &NodeId,
     ) -> Result<Settings, ConfigErrors> {
@@ -591,7 +590,7 @@ impl Settings {
                 )],
             });
         }
-        let d = decode(core.clone(), text, path)?;
+        let d = decode(core.clone(), path)?;
         Ok(Settings {
             core,
             local: local.clone(),
@@ -604,8 +603,7 @@ impl Settings {
 
     /// Loads, validates and decodes the config file for `local`.
     pub(crate) fn load(path: &Path, local: &NodeId) -> Result<Settings, ConfigErrors> {
-        let (core, text) = read(path)?;
-        Settings::from_core(core, &text, path, local)
+        Settings::from_core(Config::load(path)?, path, local)
     }
 
     /// The journal file.
@@ -650,28 +648,6 @@ impl Settings {
             .cloned()
             .unwrap_or_else(|| node.host().to_string())
     }
-}
-
-/// Reads the config file once: the core's validated config, and the text
-/// the lines of the agent's own errors are counted in.
-pub(crate) fn read(path: &Path) -> Result<(Config, String), ConfigErrors> {
-    let in_file = |errors| ConfigErrors {
-        path: Some(path.to_path_buf()),
-        errors,
-    };
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| in_file(vec![one(String::new(), None, format!("cannot read: {e}"))]))?;
-    let core = Config::parse(&text).map_err(|e| in_file(e.errors))?;
-    Ok((core, text))
-}
-
-/// 1-based line of byte `offset` in `text`.
-pub(crate) fn line_in(text: &str, offset: usize) -> usize {
-    text.as_bytes()[..offset.min(text.len())]
-        .iter()
-        .filter(|b| **b == b'\n')
-        .count()
-        + 1
 }
 
 /// The host of a libvirt URI (`qemu+ssh://root@h:22/system` gives `h`).
