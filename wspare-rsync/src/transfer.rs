@@ -44,22 +44,9 @@ pub const BASE_ARGS: &[&str] = &[
 /// `rsync -e` for `reach`, or `None` for a local destination.
 pub fn ssh_command(reach: &Reach) -> Option<String> {
     let Reach::Ssh(t) = reach else { return None };
-    let mut e = vec![
-        "ssh".to_string(),
-        "-o".into(),
-        "BatchMode=yes".into(),
-        "-o".into(),
-        format!("ConnectTimeout={}", t.connect_timeout.as_secs().max(1)),
-    ];
-    if let Some(p) = t.port {
-        e.extend(["-p".into(), p.to_string()]);
-    }
-    if let Some(i) = &t.identity {
-        e.extend(["-i".into(), i.display().to_string()]);
-    }
-    for o in &t.options {
-        e.extend(["-o".into(), o.clone()]);
-    }
+    // The same option words as the core's `SshRunner`.
+    let mut e = vec!["ssh".to_string()];
+    e.extend(t.ssh_options());
     Some(e.join(" "))
 }
 

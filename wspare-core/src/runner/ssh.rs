@@ -49,6 +49,30 @@ impl SshTarget {
             connect_timeout: Duration::from_secs(10),
         })
     }
+
+    /// The `ssh` option words for this target, without the program name and
+    /// the destination: `-o BatchMode=yes -o ConnectTimeout=<s>`, then
+    /// `-p <port>`, `-i <identity>` and each extra `-o <option>` that is
+    /// set. [`SshRunner`] puts them before `-- <destination>`; anything else
+    /// that runs ssh to this target (rsync's `-e`) uses the same words.
+    pub fn ssh_options(&self) -> Vec<String> {
+        let mut args = vec![
+            "-o".to_string(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            format!("ConnectTimeout={}", self.connect_timeout.as_secs().max(1)),
+        ];
+        if let Some(p) = self.port {
+            args.extend(["-p".into(), p.to_string()]);
+        }
+        if let Some(i) = &self.identity {
+            args.extend(["-i".into(), i.display().to_string()]);
+        }
+        for o in &self.options {
+            args.extend(["-o".into(), o.clone()]);
+        }
+        args
+    }
 }
 
 /// Runs each command as `ssh ... destination -- 'quoted' 'argv'` through a
@@ -78,21 +102,7 @@ impl SshRunner {
     /// The local `ssh` command that runs `cmd` remotely.
     pub fn wrap(&self, cmd: &Command) -> Result<Command, Error> {
         let t = &self.target;
-        let mut args = vec![
-            "-o".to_string(),
-            "BatchMode=yes".into(),
-            "-o".into(),
-            format!("ConnectTimeout={}", t.connect_timeout.as_secs().max(1)),
-        ];
-        if let Some(p) = t.port {
-            args.extend(["-p".into(), p.to_string()]);
-        }
-        if let Some(i) = &t.identity {
-            args.extend(["-i".into(), i.display().to_string()]);
-        }
-        for o in &t.options {
-            args.extend(["-o".into(), o.clone()]);
-        }
+        let mut args = t.ssh_options();
         args.extend(["--".into(), t.destination.clone()]);
 
         let mut script = String::new();
@@ -172,6 +182,39 @@ impl CommandRunner for SshRunner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn option_words_of_a_target() {
+        let mut t = SshTarget::new("root@node-b").unwrap();
+        assert_eq!(
+            t.ssh_options(),
+            ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+        );
+        t.port = Some(2222);
+        t.identity = Some("/etc/wspare/id_ed25519".into());
+        t.options = vec![
+            "StrictHostKeyChecking=yes".into(),
+            "ControlPersist=60".into(),
+        ];
+        t.connect_timeout = Duration::from_millis(200);
+        assert_eq!(
+            t.ssh_options(),
+            [
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=1",
+                "-p",
+                "2222",
+                "-i",
+                "/etc/wspare/id_ed25519",
+                "-o",
+                "StrictHostKeyChecking=yes",
+                "-o",
+                "ControlPersist=60"
+            ]
+        );
+    }
 
     #[test]
     fn wraps_argv_quoted_with_secrets_on_stdin() {
