@@ -10,6 +10,12 @@ use super::{Command, CommandError, CommandRunner, LineSink, LineSplitter, Output
 /// Runs commands on this host with tokio. The child gets its own process
 /// group, and the whole group is killed at the deadline or when the future
 /// is dropped, so a tool's own children (rsync's ssh) die with it.
+///
+/// The kill is finished when control returns: on Linux the runner waits
+/// (up to 2 s) until no process of the group still runs, so a
+/// fence command that timed out cannot act later, and a stopped copy
+/// writes nothing after its caller was told it stopped. A process of the
+/// group that has exited but is not yet reaped (a zombie) runs nothing.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LocalRunner;
 
@@ -26,8 +32,74 @@ impl Drop for GroupKill {
     fn drop(&mut self) {
         if let Some(pgid) = self.0 {
             kill_group(pgid);
+            // Blocking, but SIGKILLed processes exit within milliseconds;
+            // only a process stuck in the kernel (a hung NFS write) makes
+            // this wait its bound.
+            if !wait_group_gone(pgid, KILL_WAIT) {
+                tracing::warn!(
+                    pgid,
+                    "processes of a killed command still run after {KILL_WAIT:?}"
+                );
+            }
         }
     }
+}
+
+/// How long a kill waits for the killed processes to be gone.
+const KILL_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits until no process in group `pgid` still runs, polling `/proc`;
+/// false if some still does after `bound`.
+#[cfg(target_os = "linux")]
+fn wait_group_gone(pgid: u32, bound: std::time::Duration) -> bool {
+    let t0 = std::time::Instant::now();
+    loop {
+        if !group_runs(pgid) {
+            return true;
+        }
+        if t0.elapsed() >= bound {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn wait_group_gone(_pgid: u32, _bound: std::time::Duration) -> bool {
+    true
+}
+
+/// Whether a process in group `pgid` is alive and not a zombie.
+#[cfg(target_os = "linux")]
+fn group_runs(pgid: u32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            return false;
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| stat_state_and_group(&s))
+            .is_some_and(|(state, group)| group == pgid && !matches!(state, 'Z' | 'X'))
+    })
+}
+
+/// State and process group from a `/proc/PID/stat` line: `PID (COMM) S
+/// PPID PGRP …`; COMM may hold spaces and parentheses, so fields are
+/// counted from the last `)`.
+fn stat_state_and_group(stat: &str) -> Option<(char, u32)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_ascii_whitespace();
+    let state = f.next()?.chars().next()?;
+    let _ppid = f.next()?;
+    let pgrp = f.next()?.parse().ok()?;
+    Some((state, pgrp))
 }
 
 /// Sends SIGKILL to process group `pgid`.
@@ -202,8 +274,7 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        // Give the kernel a moment to reap.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // No grace period: the kill is finished when the call returns.
         let alive = std::path::Path::new(&format!("/proc/{pid}")).exists()
             && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .unwrap_or_default()
@@ -221,7 +292,6 @@ mod tests {
         ]);
         let fut = LocalRunner.run(&cmd);
         let _ = tokio::time::timeout(Duration::from_millis(300), fut).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
         let pid: i32 = std::fs::read_to_string(&pidfile)
             .unwrap()
             .trim()
@@ -232,6 +302,43 @@ mod tests {
             stat.is_empty() || stat.contains(") Z "),
             "child {pid} survived: {stat}"
         );
+    }
+
+    /// A busy grandchild whose parent has already exited (it holds stdout
+    /// open, so the call waits on it): dropping the call finds and kills it
+    /// through its group, and returns only once it no longer runs.
+    #[tokio::test]
+    async fn dropping_the_future_waits_for_the_grandchildren() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let script = format!(
+            "sh -c 'echo $$ > {}; while :; do :; done' &",
+            pidfile.display()
+        );
+        let cmd = Command::new("sh").args(["-c", &script]);
+        let fut = LocalRunner.run(&cmd);
+        let _ = tokio::time::timeout(Duration::from_millis(500), fut).await;
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat_state_and_group(&stat).is_some_and(|(s, _)| s == 'Z'),
+            "grandchild {pid} still runs: {stat}"
+        );
+    }
+
+    #[test]
+    fn stat_lines_with_hostile_command_names_parse() {
+        assert_eq!(
+            stat_state_and_group("42 (rsync) R 1 42 42 0 -1"),
+            Some(('R', 42))
+        );
+        assert_eq!(
+            stat_state_and_group("7 (a) Z (b) S 3 99 1"),
+            Some(('S', 99))
+        );
+        assert_eq!(stat_state_and_group("7 (x"), None);
+        assert_eq!(stat_state_and_group("7 (x) S 1 notanumber"), None);
     }
 
     #[tokio::test]
