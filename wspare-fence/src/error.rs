@@ -78,7 +78,9 @@ pub enum FenceError {
     },
     /// The device refused the credentials or the privilege level. Retrying
     /// with the same credentials cannot help.
-    #[error("credentials refused: {0}")]
+    #[error(
+        "credentials refused: {0}; check the user, password and privilege level configured for the device"
+    )]
     CredentialsRefused(Exchange),
     /// The device never answered; nothing was done.
     #[error("no answer: {0}; check the device's address and port, and that it is up and reachable from here")]
@@ -293,7 +295,8 @@ mod tests {
         assert_eq!(
             e.message(),
             "credentials refused: ipmi bmc-a (10.0.0.5:623): power off of node node-a: asked \
-             `ipmitool -I lanplus -H 10.0.0.5 power off`, got: exit code 1: RAKP 2 HMAC is invalid"
+             `ipmitool -I lanplus -H 10.0.0.5 power off`, got: exit code 1: RAKP 2 HMAC is invalid; \
+             check the user, password and privilege level configured for the device"
         );
         assert_eq!(
             Error::from(FenceError::NoAnswer(x())).kind(),

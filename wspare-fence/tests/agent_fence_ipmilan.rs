@@ -106,7 +106,13 @@ async fn refused_password_is_permission_denied_once() {
     let e = f.fence(&node()).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
     assert!(!e.is_retryable());
-    assert!(e.message().ends_with("(RAKP 2 HMAC is invalid)"), "{e}");
+    assert!(
+        e.message().ends_with(
+            "(RAKP 2 HMAC is invalid); check the user, password and privilege level \
+             configured for the device"
+        ),
+        "{e}"
+    );
     assert!(!e.to_string().contains(support::WRONG_PASSWORD));
     assert_eq!(runner.argvs().len(), 1);
     assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());

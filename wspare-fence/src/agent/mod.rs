@@ -458,7 +458,8 @@ mod tests {
             e.message(),
             "credentials refused: fence-agent ipmi-agent-a (fence_ipmilan): power off of node node-a: asked \
              `fence_ipmilan <<< action=off (stdin keys: ip, lanplus, username, verbose_level, password)`, got: \
-             exit code 1: Failed: Unable to obtain correct plug status or plug is not available (RAKP 2 HMAC is invalid)"
+             exit code 1: Failed: Unable to obtain correct plug status or plug is not available (RAKP 2 HMAC is invalid); \
+             check the user, password and privilege level configured for the device"
         );
     }
 

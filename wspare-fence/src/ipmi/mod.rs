@@ -450,7 +450,8 @@ mod tests {
             e.message(),
             "credentials refused: ipmi bmc-a (10.0.0.5:623): power off of node node-a: asked `ipmitool -I \
              lanplus -H 10.0.0.5 -p 623 -U admin -E -N 3 -R 1 -v power off`, got: exit code 1: RAKP 2 HMAC is \
-             invalid; Error: Unable to establish IPMI v2 / RMCP+ session"
+             invalid; Error: Unable to establish IPMI v2 / RMCP+ session; \
+             check the user, password and privilege level configured for the device"
         );
         r.assert_done();
     }
