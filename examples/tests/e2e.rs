@@ -92,6 +92,12 @@ fn event_at(
         .and_then(|e| e["at-ms"].as_u64())
 }
 
+/// The pair runs its VM on `node` after a failover: active there, and
+/// either still without a spare or protected again.
+fn runs_on(p: &serde_json::Value, node: &str) -> bool {
+    s(p, "active") == node && matches!(s(p, "phase").as_str(), "unprotected" | "protected")
+}
+
 fn to_is(e: &serde_json::Value, phase: &str) -> bool {
     e["to"].as_str() == Some(phase)
 }
@@ -104,18 +110,21 @@ fn libvirt(uri: &str, console: &Path) -> LibvirtHypervisor {
     LibvirtHypervisor::new(c).unwrap()
 }
 
+/// Host `i`'s libvirt, its consoles logged where the rig reads them.
+fn host_hv(rig: &Rig, i: usize) -> LibvirtHypervisor {
+    let h = &rig.hosts[i];
+    libvirt(&h.uri, &h.dir.join("console"))
+}
+
 /// The counter in the image host `i`'s stopped copy of the VM runs from.
 fn disk_counter(rt: &tokio::runtime::Runtime, rig: &Rig, i: usize) -> u64 {
-    let h = &rig.hosts[i];
-    let hv = libvirt(&h.uri, &h.dir.join("console"));
+    let hv = host_hv(rig, i);
     let spec = rt.block_on(hv.spec(&VmName::new("web").unwrap())).unwrap();
     guest::read_counter(&spec.disks[0].path).unwrap()
 }
 
 fn vm_state(rt: &tokio::runtime::Runtime, rig: &Rig, i: usize, vm: &str) -> wspare_core::VmState {
-    let h = &rig.hosts[i];
-    let hv = libvirt(&h.uri, &h.dir.join("console"));
-    rt.block_on(hv.status(&VmName::new(vm).unwrap()))
+    rt.block_on(host_hv(rig, i).status(&VmName::new(vm).unwrap()))
         .unwrap()
         .state
 }
@@ -203,7 +212,7 @@ fn failover_end_to_end() {
         .unwrap();
 
     // The guest, on A: loop mode, a counter write every 200 ms.
-    let a_hv = libvirt(&rig.hosts[A].uri, &rig.hosts[A].dir.join("console"));
+    let a_hv = host_hv(&rig, A);
     let disk = rig.hosts[A].dir.join("images").join("web.raw");
     guest::create_disk(&disk).unwrap();
     let spec = guest::spec(
@@ -216,7 +225,7 @@ fn failover_end_to_end() {
     rt.block_on(a_hv.start(&spec.name)).unwrap();
     // A second pair the other way round: `db` runs on B, its spare is A
     // (idle mode: it counts once per boot, then stays up).
-    let b_hv = libvirt(&rig.hosts[B].uri, &rig.hosts[B].dir.join("console"));
+    let b_hv = host_hv(&rig, B);
     let db_disk = rig.hosts[B].dir.join("images").join("db.raw");
     guest::create_disk(&db_disk).unwrap();
     let db_spec = guest::spec(&VmName::new("db").unwrap(), &db_disk, GuestMode::Idle).unwrap();
@@ -325,15 +334,7 @@ fn failover_end_to_end() {
     let clone_console = rig.hosts[B].console(&format!("web-test-{g}"));
     let (ok, out, err) = rig.cli(B, &["test-failover", "web", "--generation", &g.to_string()]);
     assert!(ok, "test-failover: {out}{err}");
-    let (first, _) = first_counter(&clone_console, Duration::from_secs(90));
-    let want = snooper
-        .counter("b", "web", g)
-        .expect("the snooper saw the cloned generation");
-    assert_eq!(
-        first,
-        want + 1,
-        "the test clone boots from g{g} (counter {want})"
-    );
+    let (first, _, _) = snooper.assert_boot(&clone_console, "b", "web", g, Duration::from_secs(90));
     rig.wait_pair(B, "test clone running", Duration::from_secs(30), |p| {
         p["test_clone"].as_u64() == Some(g)
     });
@@ -515,10 +516,11 @@ fn failover_end_to_end() {
     let st = rig.wait_agent_exit(A, Duration::from_secs(10));
     assert!(!st.success(), "the power cut killed a's agent: {st:?}");
     let p = rig.wait_pair(B, "b runs the VM", Duration::from_secs(120), |p| {
-        s(p, "active") == "node-b"
-            && (s(p, "phase") == "unprotected" || s(p, "phase") == "protected")
+        runs_on(p, "node-b")
     });
-    let (first, t_marker) = first_counter(&b_console, Duration::from_secs(120));
+    let promoted = p["newest"]["generation"].as_u64().unwrap();
+    let (first, want, t_marker) =
+        snooper.assert_boot(&b_console, "b", "web", promoted, Duration::from_secs(120));
     let mut storm = storm;
     let storm_running_at_detection = storm.try_wait().unwrap().is_none();
     let _ = storm.kill();
@@ -563,18 +565,9 @@ fn failover_end_to_end() {
         storm_running_at_detection,
         "the replay storm still ran when b suspected a"
     );
-    let promoted = p["newest"]["generation"].as_u64().unwrap();
     assert!(
         promoted >= gen_before,
         "b promoted g{promoted}, older than g{gen_before} it held"
-    );
-    let want = snooper
-        .counter("b", "web", promoted)
-        .unwrap_or_else(|| panic!("the snooper never saw g{promoted} on b"));
-    assert_eq!(
-        first,
-        want + 1,
-        "b's copy boots with the counter of the promoted g{promoted} ({want})"
     );
     assert!(
         rig.events(B)
@@ -681,22 +674,12 @@ fn failover_end_to_end() {
         "db",
         "db failed over to a",
         Duration::from_secs(60),
-        |p| {
-            s(p, "active") == "node-a"
-                && matches!(s(p, "phase").as_str(), "unprotected" | "protected")
-        },
+        |p| runs_on(p, "node-a"),
     );
     assert_eq!(n(&db, "epoch"), db_epoch + 1);
-    let (db_first, _) = first_counter(&a_db_console, Duration::from_secs(90));
     let db_gen = newest(&db).unwrap();
-    let db_want = snooper
-        .counter("a", "db", db_gen)
-        .unwrap_or_else(|| panic!("the snooper never saw db's g{db_gen} on a"));
-    assert_eq!(
-        db_first,
-        db_want + 1,
-        "db boots on a with g{db_gen}'s counter ({db_want})"
-    );
+    let (db_first, _, _) =
+        snooper.assert_boot(&a_db_console, "a", "db", db_gen, Duration::from_secs(90));
     sampler.assert_never_twice("the partition");
     rig.link(true);
     rig.power_on(B);
@@ -759,40 +742,22 @@ fn failover_end_to_end() {
         B,
         "b runs the VM after its restart",
         Duration::from_secs(120),
-        |p| {
-            s(p, "active") == "node-b"
-                && (s(p, "phase") == "unprotected" || s(p, "phase") == "protected")
-        },
+        |p| runs_on(p, "node-b"),
     );
-    let (first, _) = first_counter(&b_console, Duration::from_secs(120));
     let promoted = p["newest"]["generation"].as_u64().unwrap();
     assert!(promoted >= gen_before);
-    let want = snooper
-        .counter("b", "web", promoted)
-        .unwrap_or_else(|| panic!("the snooper never saw g{promoted} on b"));
-    assert_eq!(
-        first,
-        want + 1,
-        "b boots with the promoted g{promoted}'s counter ({want})"
-    );
+    let (first, _, _) =
+        snooper.assert_boot(&b_console, "b", "web", promoted, Duration::from_secs(120));
     let restored = rig.events(B).iter().any(|e| {
         e["at-ms"].as_u64().unwrap_or(0) >= t_crash
             && s(e, "cause").contains("restored from the journal in phase fencing")
     });
     assert!(restored, "b resumed from its journal in phase fencing");
     let db = rig.wait_pair_of(B, "db", "db back on b", Duration::from_secs(120), |p| {
-        s(p, "active") == "node-b" && matches!(s(p, "phase").as_str(), "unprotected" | "protected")
+        runs_on(p, "node-b")
     });
-    let (db_first, _) = first_counter(&b_db_console, Duration::from_secs(120));
     let db_gen = newest(&db).unwrap();
-    let db_want = snooper
-        .counter("b", "db", db_gen)
-        .unwrap_or_else(|| panic!("the snooper never saw db's g{db_gen} on b"));
-    assert_eq!(
-        db_first,
-        db_want + 1,
-        "db boots on b with g{db_gen}'s counter ({db_want})"
-    );
+    snooper.assert_boot(&b_db_console, "b", "db", db_gen, Duration::from_secs(120));
     sampler.assert_never_twice("scenario 4");
     clock.say(&format!(
         "4: b resumed from its journal, fenced a, booted g{promoted} with {first}"

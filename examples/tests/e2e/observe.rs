@@ -164,6 +164,30 @@ impl Snooper {
             .copied()
     }
 
+    /// Waits (up to `timeout`) for the guest on `console` to boot and
+    /// asserts it booted from generation `g` of `vm` held on `host`: its
+    /// first counter is that generation's plus one. Returns the first
+    /// counter, the generation's, and when the first was seen.
+    pub(crate) fn assert_boot(
+        &self,
+        console: &Path,
+        host: &str,
+        vm: &str,
+        g: u64,
+        timeout: Duration,
+    ) -> (u64, u64, Instant) {
+        let (first, at) = first_counter(console, timeout);
+        let want = self
+            .counter(host, vm, g)
+            .unwrap_or_else(|| panic!("the snooper never saw {vm}'s g{g} on {host}"));
+        assert_eq!(
+            first,
+            want + 1,
+            "{vm} must boot on {host} with g{g}'s counter ({want}) plus one"
+        );
+        (first, want, at)
+    }
+
     /// How many generations were seen.
     pub(crate) fn generations(&self) -> usize {
         self.seen.lock().unwrap().len()

@@ -55,6 +55,22 @@ pub(crate) const IPMI_PASSWORD: &str = "e2e-bmc-pw";
 pub(crate) const HINT: &str = "run `bash .ci/install-deps && bash .ci/start-services && scripts/build-guest` first (CI's .ci/run does)";
 
 /// Runs a command; panics with its output if it fails.
+/// `ip ARGS` in network namespace `ns`, else in the root one.
+fn ip(ns: Option<&str>, args: &[&str]) {
+    let n: &[&str] = match ns {
+        Some(ns) => &["-n", ns],
+        None => &[],
+    };
+    sh("ip", &[n, args].concat());
+}
+
+/// Gives `dev` (in namespace `ns`, else the root one) the address `cidr`
+/// and brings it up.
+fn addr_up(ns: Option<&str>, cidr: &str, dev: &str) {
+    ip(ns, &["addr", "add", cidr, "dev", dev]);
+    ip(ns, &["link", "set", dev, "up"]);
+}
+
 pub(crate) fn sh(prog: &str, args: &[&str]) -> String {
     let out = Command::new(prog)
         .args(args)
@@ -365,7 +381,7 @@ impl Rig {
         let [a, b] = &self.hosts;
         for h in [a, b] {
             sh("ip", &["netns", "add", &h.netns]);
-            sh("ip", &["-n", &h.netns, "link", "set", "lo", "up"]);
+            ip(Some(&h.netns), &["link", "set", "lo", "up"]);
         }
         sh(
             "ip",
@@ -375,19 +391,7 @@ impl Rig {
             ],
         );
         for h in [a, b] {
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &h.netns,
-                    "addr",
-                    "add",
-                    &format!("{}/29", h.ip),
-                    "dev",
-                    &h.link,
-                ],
-            );
-            sh("ip", &["-n", &h.netns, "link", "set", &h.link, "up"]);
+            addr_up(Some(&h.netns), &format!("{}/29", h.ip), &h.link);
             let root = format!("wsm{}{}", self.pid, h.id);
             let inner = format!("wsn{}{}", self.pid, h.id);
             sh(
@@ -396,30 +400,8 @@ impl Rig {
                     "link", "add", &root, "type", "veth", "peer", "name", &inner, "netns", &h.netns,
                 ],
             );
-            sh(
-                "ip",
-                &[
-                    "addr",
-                    "add",
-                    &format!("{}/30", h.mgmt_root_ip),
-                    "dev",
-                    &root,
-                ],
-            );
-            sh("ip", &["link", "set", &root, "up"]);
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &h.netns,
-                    "addr",
-                    "add",
-                    &format!("{}/30", h.mgmt_ip),
-                    "dev",
-                    &inner,
-                ],
-            );
-            sh("ip", &["-n", &h.netns, "link", "set", &inner, "up"]);
+            addr_up(None, &format!("{}/30", h.mgmt_root_ip), &root);
+            addr_up(Some(&h.netns), &format!("{}/30", h.mgmt_ip), &inner);
         }
     }
 
@@ -965,16 +947,9 @@ transfer-timeout = "120s"
     /// Cuts (`up` false) or heals the link between the hosts.
     pub(crate) fn link(&self, up: bool) {
         for h in &self.hosts {
-            sh(
-                "ip",
-                &[
-                    "-n",
-                    &h.netns,
-                    "link",
-                    "set",
-                    &h.link,
-                    if up { "up" } else { "down" },
-                ],
+            ip(
+                Some(&h.netns),
+                &["link", "set", &h.link, if up { "up" } else { "down" }],
             );
         }
     }
