@@ -45,6 +45,7 @@ use wspare_core::{
     FenceReceipt, Fencer, Generation, Hypervisor, NodeId, Replicator, SourceView, UnixMillis,
     VmName, VmSpec,
 };
+use wspare_examples::per_node_path;
 use wspare_fence::ipmi::{IpmiDevice, IpmiFencer, IpmiPassword};
 use wspare_libvirt::{DomainType, LibvirtConfig, LibvirtHypervisor};
 use wspare_rsync::{read_direction, Endpoint, Options, Reach, RsyncReplicator};
@@ -174,7 +175,9 @@ fn host(a: &Args, flag: &str, dest: &str, local: bool, uri: &Option<String>) -> 
         if local {
             "qemu:///system".into()
         } else {
-            let mut u = format!("qemu+ssh://{dest}/system?no_tty=1");
+            // libvirt's own ssh connection: the same port and key as ours.
+            let port = a.ssh_port.map(|p| format!(":{p}")).unwrap_or_default();
+            let mut u = format!("qemu+ssh://{dest}{port}/system?no_tty=1");
             if let Some(k) = &a.ssh_key {
                 u.push_str(&format!("&keyfile={}", k.display()));
             }
@@ -186,19 +189,20 @@ fn host(a: &Args, flag: &str, dest: &str, local: bool, uri: &Option<String>) -> 
         Domain::Kvm => DomainType::Kvm,
         Domain::Qemu => DomainType::Qemu,
     });
-    cfg.console_log_dir = a.console_log_dir.as_ref().map(|d| subst(d, &node));
+    cfg.console_log_dir = a.console_log_dir.as_ref().map(|d| per_node_path(d, &node));
     cfg.guest_agent = false;
     let hv = LibvirtHypervisor::new(cfg)
         .with_context(|| format!("{node}'s libvirt at {uri} (see --{flag}-uri)"))?;
     Ok(Host {
         hv: Arc::new(hv),
-        endpoint: Endpoint::new(node.clone(), runner, Reach::Ssh(ssh), subst(&a.dir, &node)),
+        endpoint: Endpoint::new(
+            node.clone(),
+            runner,
+            Reach::Ssh(ssh),
+            per_node_path(&a.dir, &node),
+        ),
         node,
     })
-}
-
-fn subst(p: &std::path::Path, node: &NodeId) -> PathBuf {
-    PathBuf::from(p.to_string_lossy().replace("{node}", node.as_str()))
 }
 
 /// (source, target) as the manifests on both hosts say
@@ -287,8 +291,10 @@ async fn start_from_copy(
         .promote(g)
         .await
         .with_context(|| format!("promoting {g} on {}", tgt.node))?;
+    let spec = with_disks(spec, promoted.disks)
+        .with_context(|| format!("the promoted {g} on {}", tgt.node))?;
     tgt.hv
-        .define(&with_disks(spec, promoted.disks)?)
+        .define(&spec)
         .await
         .with_context(|| format!("defining {vm} on {} on the promoted {g}", tgt.node))?;
     tgt.hv.start(&vm).await.with_context(|| {
@@ -311,7 +317,13 @@ fn with_disks(mut spec: VmSpec, disks: Vec<wspare_core::DiskSpec>) -> Result<VmS
         let r = disks
             .iter()
             .find(|r| r.target == d.target)
-            .ok_or_else(|| anyhow!("the copy has no image for disk {}", d.target))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "the copy has no image for disk {} of {}: the VM's definition has a disk the copy was not made with",
+                    d.target,
+                    spec.name
+                )
+            })?;
         d.path = r.path.clone();
     }
     Ok(spec)
@@ -375,7 +387,12 @@ async fn run(a: Args) -> Result<()> {
             let receipt = match (ipmi, primary_is_off) {
                 (Some(bmc), _) => {
                     let (h, port) = match bmc.rsplit_once(':') {
-                        Some((h, p)) => (h.to_string(), p.parse().context("--ipmi port")?),
+                        Some((h, p)) => {
+                            let port = p.parse().with_context(|| {
+                                format!("--ipmi {bmc}: {p:?} after ':' is not a port number")
+                            })?;
+                            (h.to_string(), port)
+                        }
                         None => (bmc.clone(), 623),
                     };
                     let pw = ipmi_password_file
@@ -384,7 +401,12 @@ async fn run(a: Args) -> Result<()> {
                     dev.port = port;
                     let f = IpmiFencer::new("primary-bmc", src.node.clone(), dev, Arc::new(LocalRunner))?;
                     println!("fencing {} through {}", src.node, f.describe());
-                    f.fence(&src.node).await?
+                    f.fence(&src.node).await.with_context(|| {
+                        format!(
+                            "fencing {} through its BMC {bmc} failed; check the BMC, or once you know {} is off, rerun with --primary-is-off",
+                            src.node, src.node
+                        )
+                    })?
                 }
                 (None, true) => FenceReceipt::from_operator(src.node.clone(), UnixMillis::now()),
                 (None, false) => bail!(

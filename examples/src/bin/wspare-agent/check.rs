@@ -103,9 +103,9 @@ fn semantic(text: &str, path: &Path, r: &mut Report) {
             return;
         }
     };
-    match settings::decode(core.clone(), path) {
+    match settings::decode(&core, path) {
         Ok(d) => {
-            r.warnings.extend(d.warnings.clone());
+            r.warnings.extend(d.warnings);
             if let Err(e) = crate::fencing::topology(&d.nodes, &core) {
                 r.errors.push(e);
             }
@@ -317,26 +317,33 @@ impl Checker<'_> {
         }
     }
 
+    /// A backend table whose `type` was checked: its other keys decoded
+    /// into `T`, its required ones present.
+    fn typed<T: DeserializeOwned>(
+        &mut self,
+        t: &toml::Table,
+        path: &str,
+        label: &str,
+        required: &[&str],
+        what: &str,
+    ) {
+        self.keys::<T>(&without(t, &["type"]), path, label);
+        self.required(t, required, path, label, what);
+    }
+
     fn policy(&mut self, t: &toml::Table, path: &str, label: &str) {
-        let mut plain = t.clone();
-        plain.remove("detector");
-        self.keys::<Policy>(&plain, path, label);
+        self.keys::<Policy>(&without(t, &["detector"]), path, label);
         if let Some((d, p, l)) = self.sub(t, "detector", path, label) {
             self.keys::<DetectorConfig>(d, &p, &l);
         }
     }
 
     fn agent(&mut self, t: &toml::Table, path: &str, label: &str) {
-        let mut plain = t.clone();
-        for k in ["ssh", "witness", "deadlines"] {
-            plain.remove(k);
-        }
+        let plain = without(t, &["ssh", "witness", "deadlines"]);
         self.keys::<AgentSection>(&plain, path, label);
         self.required(t, &["key-file"], path, label, "the shared heartbeat key");
         if let Some((s, p, l)) = self.sub(t, "ssh", path, label) {
-            let mut plain = s.clone();
-            plain.remove("hosts");
-            self.keys::<SshSection>(&plain, &p, &l);
+            self.keys::<SshSection>(&without(s, &["hosts"]), &p, &l);
             if let Some((h, p, l)) = self.sub(s, "hosts", &p, &l) {
                 for (k, v) in h {
                     if !v.is_str() {
@@ -408,19 +415,14 @@ impl Checker<'_> {
 
     fn hypervisor(&mut self, t: &toml::Table, path: &str, label: &str) {
         if self.backend_type(t, path, label, &["libvirt"]).is_some() {
-            let mut plain = t.clone();
-            plain.remove("type");
-            self.keys::<LibvirtSection>(&plain, path, label);
-            self.required(t, &["uri", "peer-uri"], path, label, "libvirt needs it");
+            let required = ["uri", "peer-uri"];
+            self.typed::<LibvirtSection>(t, path, label, &required, "libvirt needs it");
         }
     }
 
     fn replication(&mut self, t: &toml::Table, path: &str, label: &str) {
         if self.backend_type(t, path, label, &["rsync"]).is_some() {
-            let mut plain = t.clone();
-            plain.remove("type");
-            self.keys::<RsyncSection>(&plain, path, label);
-            self.required(t, &["dir"], path, label, "the replica directory");
+            self.typed::<RsyncSection>(t, path, label, &["dir"], "the replica directory");
         }
     }
 
@@ -460,33 +462,16 @@ impl Checker<'_> {
         let Some(kind) = self.backend_type(t, path, label, &known) else {
             return;
         };
-        let mut plain = t.clone();
-        plain.remove("type");
         match kind {
             "ipmi" => {
-                self.keys::<IpmiConfig>(&plain, path, label);
-                self.required(
-                    t,
-                    &["host", "username", "password-file"],
-                    path,
-                    label,
-                    "IPMI needs it",
-                );
+                let required = ["host", "username", "password-file"];
+                self.typed::<IpmiConfig>(t, path, label, &required, "IPMI needs it");
             }
             "redfish" => {
-                self.keys::<RedfishConfig>(&plain, path, label);
-                self.required(
-                    t,
-                    &["url", "username", "password-file"],
-                    path,
-                    label,
-                    "Redfish needs it",
-                );
+                let required = ["url", "username", "password-file"];
+                self.typed::<RedfishConfig>(t, path, label, &required, "Redfish needs it");
             }
-            _ => {
-                self.keys::<AgentConfig>(&plain, path, label);
-                self.required(t, &["agent"], path, label, "the fence agent to run");
-            }
+            _ => self.typed::<AgentConfig>(t, path, label, &["agent"], "the fence agent to run"),
         }
     }
 }
@@ -573,6 +558,15 @@ fn split_last(path: &str) -> (&str, Option<&str>) {
         Some((p, k)) => (p, Some(k)),
         None => ("", Some(path)),
     }
+}
+
+/// `t` without `keys` (the sub-tables checked on their own).
+fn without(t: &toml::Table, keys: &[&str]) -> toml::Table {
+    let mut t = t.clone();
+    for k in keys {
+        t.remove(*k);
+    }
+    t
 }
 
 fn array_of_tables(v: Option<&toml::Value>) -> Vec<toml::Table> {

@@ -69,20 +69,35 @@ pub(crate) struct Response {
 }
 
 impl Response {
-    fn ok(message: impl Into<String>) -> Self {
+    fn new(ok: bool, message: impl Into<String>) -> Self {
         Response {
-            ok: true,
+            ok,
             message: message.into(),
             data: None,
         }
+    }
+    fn ok(message: impl Into<String>) -> Self {
+        Response::new(true, message)
     }
     fn err(message: impl Into<String>) -> Self {
+        Response::new(false, message)
+    }
+    /// `status` and `explain`: the answer is the data.
+    fn data(data: impl Serialize) -> Self {
         Response {
-            ok: false,
-            message: message.into(),
-            data: None,
+            data: serde_json::to_value(data).ok(),
+            ..Response::ok("")
         }
     }
+}
+
+/// `items` joined with commas, or `none` when there are none.
+fn list_or<T: std::fmt::Display>(items: &[T], none: &str) -> String {
+    if items.is_empty() {
+        return none.to_string();
+    }
+    let v: Vec<String> = items.iter().map(T::to_string).collect();
+    v.join(", ")
 }
 
 /// One pair in `status`.
@@ -141,7 +156,8 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener> {
         if !dir.exists() {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the socket directory {}", dir.display()))?;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("chmod 700 {}", dir.display()))?;
         }
     }
     if path.exists() {
@@ -205,15 +221,10 @@ fn status_of(rt: &Runtime, pair: &PairId) -> Option<PairStatus> {
 
 /// `pair` is not one of this node's.
 fn not_here(rt: &Runtime, pair: &PairId) -> Response {
-    let here: Vec<String> = rt.pairs().iter().map(|p| p.to_string()).collect();
     Response::err(format!(
         "pair {pair} does not run on {} (pairs here: {}); see `wspare-agent status`",
         rt.settings.local,
-        if here.is_empty() {
-            "none".into()
-        } else {
-            here.join(", ")
-        }
+        list_or(&rt.pairs(), "none")
     ))
 }
 
@@ -262,14 +273,7 @@ async fn handle(req: Request, agent: &Agent) -> Response {
         ));
     };
     match req {
-        Request::Status => {
-            let data = status_data(agent, &rt);
-            Response {
-                ok: true,
-                message: String::new(),
-                data: serde_json::to_value(data).ok(),
-            }
-        }
+        Request::Status => Response::data(status_data(agent, &rt)),
         Request::Switchover { pair } => command(&rt, &pair, Command::Switchover).await,
         Request::Failback { pair } => command(&rt, &pair, Command::Failback).await,
         Request::TestFailover { pair, generation } => {
@@ -308,17 +312,12 @@ async fn handle(req: Request, agent: &Agent) -> Response {
             }
             let peers = rt.settings.peers();
             if !peers.is_empty() {
-                let list: Vec<String> = peers.iter().map(|p| p.to_string()).collect();
                 lines.push(format!(
                     "maintenance is per node: run it on {} too, so that neither side acts",
-                    list.join(", ")
+                    list_or(&peers, "")
                 ));
             }
-            Response {
-                ok,
-                message: lines.join("\n"),
-                data: None,
-            }
+            Response::new(ok, lines.join("\n"))
         }
         Request::ConfirmDown { node } => {
             let local = &rt.settings.local;
@@ -334,15 +333,9 @@ async fn handle(req: Request, agent: &Agent) -> Response {
                 .map(|p| p.name.clone())
                 .collect();
             if pairs.is_empty() {
-                let peers: Vec<String> =
-                    rt.settings.peers().iter().map(|p| p.to_string()).collect();
                 return Response::err(format!(
                     "node {node} shares no pair with {local}; confirm-down names a peer of this node ({})",
-                    if peers.is_empty() {
-                        "it has none".into()
-                    } else {
-                        peers.join(", ")
-                    }
+                    list_or(&rt.settings.peers(), "it has none")
                 ));
             }
             tracing::warn!(%node, "operator confirms the node is down");
@@ -354,11 +347,7 @@ async fn handle(req: Request, agent: &Agent) -> Response {
                 any |= r.ok;
                 lines.push(r.message);
             }
-            Response {
-                ok: any,
-                message: lines.join("\n"),
-                data: None,
-            }
+            Response::new(any, lines.join("\n"))
         }
         Request::Explain { pair } => {
             let status = status_of(&rt, &pair);
@@ -366,11 +355,7 @@ async fn handle(req: Request, agent: &Agent) -> Response {
             if status.is_none() && events.is_empty() {
                 return not_here(&rt, &pair);
             }
-            Response {
-                ok: true,
-                message: String::new(),
-                data: serde_json::to_value(ExplainData { status, events }).ok(),
-            }
+            Response::data(ExplainData { status, events })
         }
     }
 }

@@ -145,14 +145,12 @@ impl Fencer for Metered {
         let t0 = Instant::now();
         tracing::warn!(%node, "fencing");
         let r = self.inner.fence(node).await;
-        self.metrics.fence(node, r.is_ok(), t0.elapsed());
+        let took = t0.elapsed();
+        self.metrics.fence(node, r.is_ok(), took);
+        let took_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
         match &r {
-            Ok(receipt) => {
-                tracing::warn!(%node, took_ms = t0.elapsed().as_millis() as u64, %receipt, "fenced")
-            }
-            Err(e) => {
-                tracing::error!(%node, took_ms = t0.elapsed().as_millis() as u64, error = %e, "fencing failed")
-            }
+            Ok(receipt) => tracing::warn!(%node, took_ms, %receipt, "fenced"),
+            Err(e) => tracing::error!(%node, took_ms, error = %e, "fencing failed"),
         }
         r
     }
@@ -193,7 +191,7 @@ mod tests {
         let text = include_str!("../../../tests/data/two-nodes.toml")
             .replace("host = \"10.1.0.2\"", "host = \"-10.1.0.2\"");
         let core = Config::parse(&text).unwrap();
-        let d = crate::settings::decode(core.clone(), std::path::Path::new("t.toml")).unwrap();
+        let d = crate::settings::decode(&core, std::path::Path::new("t.toml")).unwrap();
         let Err(e) = topology(&d.nodes, &core) else {
             panic!("a host of \"-10.1.0.2\" was accepted");
         };

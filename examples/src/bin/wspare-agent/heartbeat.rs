@@ -166,8 +166,8 @@ pub(crate) async fn send_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>) {
         if next < now {
             next = now;
         }
+        let wait = link.interval.max(Duration::from_millis(300));
         for (peer, addr) in &link.peers {
-            let wait = link.interval.max(Duration::from_millis(300));
             let Some(views) = shared.views(peer, driver.clone(), wait).await else {
                 continue;
             };

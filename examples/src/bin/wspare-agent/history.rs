@@ -35,6 +35,16 @@ struct PairLog {
     fenced: bool,
 }
 
+impl PairLog {
+    /// Appends `e`, keeping the newest `cap` entries.
+    fn push(&mut self, e: Entry, cap: usize) {
+        self.entries.push_back(e);
+        while self.entries.len() > cap {
+            self.entries.pop_front();
+        }
+    }
+}
+
 /// Every pair's recent events. Kept across config reloads.
 pub(crate) struct History {
     cap: Mutex<usize>,
@@ -78,16 +88,16 @@ impl History {
                 log.fenced = false;
             }
         }
-        log.entries.push_back(Entry {
-            at_ms: UnixMillis::now().0,
-            kind: kind.into(),
-            from,
-            to,
-            cause: ev.cause.clone(),
-        });
-        while log.entries.len() > cap {
-            log.entries.pop_front();
-        }
+        log.push(
+            Entry {
+                at_ms: UnixMillis::now().0,
+                kind: kind.into(),
+                from,
+                to,
+                cause: ev.cause.clone(),
+            },
+            cap,
+        );
     }
 
     /// A note of the agent's own (reloads, restarts), in every pair's log.
@@ -95,17 +105,14 @@ impl History {
         let cap = *self.cap.lock().unwrap_or_else(|e| e.into_inner());
         let mut all = self.pairs.lock().unwrap_or_else(|e| e.into_inner());
         for p in pairs {
-            let log = all.entry(p.clone()).or_default();
-            log.entries.push_back(Entry {
+            let entry = Entry {
                 at_ms: UnixMillis::now().0,
                 kind: "agent".into(),
                 from: None,
                 to: None,
                 cause: cause.to_string(),
-            });
-            while log.entries.len() > cap {
-                log.entries.pop_front();
-            }
+            };
+            all.entry(p.clone()).or_default().push(entry, cap);
         }
     }
 

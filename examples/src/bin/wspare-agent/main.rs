@@ -340,7 +340,7 @@ fn socket_from_config(cli: &Cli) -> Result<PathBuf> {
         .and_then(|a| a.get("control-socket"))
         .and_then(|s| s.as_str())
         .unwrap_or("/run/wspare/agent.sock");
-    Ok(settings::subst(Path::new(path), &local))
+    Ok(wspare_examples::per_node_path(Path::new(path), &local))
 }
 
 /// A config that does not load, for the log or `status`: every error, and
@@ -355,7 +355,13 @@ fn config_error(e: ConfigErrors, path: &Path) -> anyhow::Error {
 /// Loads and checks the config for `local`: the core's validation, the
 /// backend tables, with every error.
 fn load_settings(path: &Path, local: &NodeId) -> Result<Settings> {
-    let s = Settings::load(path, local).map_err(|e| config_error(e, path))?;
+    let core = Config::load(path).map_err(|e| config_error(e, path))?;
+    decode_settings(core, path, local)
+}
+
+/// The backend tables of a loaded config, for `local`; warnings logged.
+fn decode_settings(core: Config, path: &Path, local: &NodeId) -> Result<Settings> {
+    let s = Settings::from_core(core, path, local).map_err(|e| config_error(e, path))?;
     for w in &s.warnings {
         tracing::warn!("config: {w}");
     }
@@ -366,7 +372,7 @@ async fn run_daemon(cli: &Cli) -> Result<ExitCode> {
     let notifier = notify::Notifier::from_env();
     let core = Config::load(&cli.config).map_err(|e| config_error(e, &cli.config))?;
     let local = local_node(cli, &core)?;
-    let settings = load_settings(&cli.config, &local)?;
+    let settings = decode_settings(core, &cli.config, &local)?;
     let boot = runtime::next_boot(&settings.state_dir())?;
     let metrics = Arc::new(metrics::Metrics::default());
     let agent = Arc::new(Agent {
@@ -380,7 +386,7 @@ async fn run_daemon(cli: &Cli) -> Result<ExitCode> {
         metrics,
         current: tokio::sync::RwLock::new(None),
         last_reload_error: std::sync::Mutex::new(None),
-        started_ms: UnixMillis::now().0,
+        started: UnixMillis::now(),
     });
     tracing::info!(node = %local, boot, config = %cli.config.display(), "wspare-agent starting");
     // Signals first, so that a SIGTERM during startup is not lost.

@@ -246,14 +246,7 @@ impl Metrics {
             "Sync cycles run from this node.",
             s.syncs
                 .iter()
-                .flat_map(|(p, x)| {
-                    [("ok", x.ok), ("failed", x.failed)].map(|(result, n)| {
-                        (
-                            format!("{{pair=\"{p}\",result=\"{result}\"}}"),
-                            n.to_string(),
-                        )
-                    })
-                })
+                .flat_map(|(p, x)| by_result(&format!("pair=\"{p}\","), x.ok, x.failed))
                 .collect(),
         );
         let per_peer = |value: &dyn Fn(&PeerStats) -> Option<String>| -> Vec<(String, String)> {
@@ -307,14 +300,7 @@ impl Metrics {
             "Fence attempts by this node, by target and result.",
             s.fences
                 .iter()
-                .flat_map(|(n, f)| {
-                    [("ok", f.ok), ("failed", f.failed)].map(|(result, k)| {
-                        (
-                            format!("{{node=\"{n}\",result=\"{result}\"}}"),
-                            k.to_string(),
-                        )
-                    })
-                })
+                .flat_map(|(n, f)| by_result(&format!("node=\"{n}\","), f.ok, f.failed))
                 .collect(),
         );
         // A summary's samples carry suffixes: `_sum`, `_count`.
@@ -356,13 +342,17 @@ impl Metrics {
             "wspare_config_reloads_total",
             "counter",
             "Config reloads (SIGHUP), by result.",
-            vec![
-                ("{result=\"ok\"}".into(), s.reloads_ok.to_string()),
-                ("{result=\"failed\"}".into(), s.reloads_failed.to_string()),
-            ],
+            by_result("", s.reloads_ok, s.reloads_failed).to_vec(),
         );
         o
     }
+}
+
+/// The two samples of a counter by `result` (`ok`, `failed`); `labels` are
+/// the others, each followed by a comma.
+fn by_result(labels: &str, ok: u64, failed: u64) -> [(String, String); 2] {
+    [("ok", ok), ("failed", failed)]
+        .map(|(result, n)| (format!("{{{labels}result=\"{result}\"}}"), n.to_string()))
 }
 
 /// Serves `GET /metrics` on `listener` with what `page` renders, until the

@@ -29,7 +29,7 @@ pub(crate) fn bar(pair: &PairId, p: &Progress) -> String {
 
 /// Draws the bars of running initial syncs until aborted; does nothing
 /// unless stderr is a terminal.
-pub(crate) async fn run(replicators: Vec<(PairId, Arc<Directed>)>) {
+pub(crate) async fn run(replicators: Vec<Arc<Directed>>) {
     if !std::io::stderr().is_terminal() {
         return;
     }
@@ -37,9 +37,9 @@ pub(crate) async fn run(replicators: Vec<(PairId, Arc<Directed>)>) {
     loop {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut line = None;
-        for (pair, r) in &replicators {
+        for r in &replicators {
             if let Some(p) = r.initial_progress().await {
-                line = Some(bar(pair, &p));
+                line = Some(bar(r.pair(), &p));
                 break;
             }
         }

@@ -69,6 +69,17 @@ impl Directed {
         })
     }
 
+    /// The pair it replicates.
+    pub(crate) fn pair(&self) -> &PairId {
+        &self.pair
+    }
+
+    /// The replicator built for the last direction read, if any.
+    fn built(&self) -> Option<Arc<RsyncReplicator>> {
+        let cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        cur.as_ref().map(|(_, r)| r.clone())
+    }
+
     fn other(&self, n: &NodeId) -> NodeId {
         self.ends
             .keys()
@@ -129,8 +140,7 @@ impl Directed {
         if !self.initial.load(std::sync::atomic::Ordering::SeqCst) {
             return None;
         }
-        let r = self.current.lock().ok()?.as_ref()?.1.clone();
-        r.status().await.ok()?.progress
+        self.built()?.status().await.ok()?.progress
     }
 
     fn record(&self, r: &Result<GenerationInfo>) {
@@ -171,9 +181,8 @@ pub(crate) struct LocalDirected {
 #[async_trait]
 impl Replicator for LocalDirected {
     fn describe(&self) -> String {
-        let cur = self.inner.current.lock().unwrap_or_else(|e| e.into_inner());
-        match cur.as_ref() {
-            Some((_, r)) => r.describe(),
+        match self.inner.built() {
+            Some(r) => r.describe(),
             None => format!("rsync {} (direction not read yet)", self.inner.pair),
         }
     }
@@ -219,14 +228,7 @@ impl Replicator for LocalDirected {
     }
 
     async fn stop(&self) -> Result<()> {
-        let r = self
-            .inner
-            .current
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(_, r)| r.clone());
-        match r {
+        match self.inner.built() {
             Some(r) => r.stop().await,
             None => Ok(()),
         }

@@ -49,7 +49,7 @@ pub(crate) struct Agent {
     pub(crate) hb: Arc<heartbeat::Shared>,
     pub(crate) current: tokio::sync::RwLock<Option<Arc<Runtime>>>,
     pub(crate) last_reload_error: Mutex<Option<String>>,
-    pub(crate) started_ms: u64,
+    pub(crate) started: UnixMillis,
 }
 
 /// A running config.
@@ -68,7 +68,7 @@ pub(crate) struct Prepared {
     settings: Settings,
     key: Key,
     executors: BTreeMap<PairId, Arc<Executor>>,
-    replicators: Vec<(PairId, Arc<Directed>)>,
+    replicators: Vec<Arc<Directed>>,
 }
 
 /// Raises and returns the boot epoch kept in `state_dir/boot`.
@@ -126,18 +126,10 @@ fn libvirt_config(n: &NodeSettings, local: bool) -> LibvirtConfig {
     c.console_log_dir = l.console_log_dir.clone();
     c.guest_agent = l.guest_agent;
     c.overlay_dir = l.overlay_dir.clone();
-    if let Some(t) = l.call_timeout {
-        c.call_timeout = t;
-    }
-    if let Some(t) = l.poll_interval {
-        c.poll_interval = t;
-    }
-    if let Some(t) = l.commit_timeout {
-        c.commit_timeout = t;
-    }
-    if let Some(t) = l.detach_timeout {
-        c.detach_timeout = t;
-    }
+    c.call_timeout = l.call_timeout.unwrap_or(c.call_timeout);
+    c.poll_interval = l.poll_interval.unwrap_or(c.poll_interval);
+    c.commit_timeout = l.commit_timeout.unwrap_or(c.commit_timeout);
+    c.detach_timeout = l.detach_timeout.unwrap_or(c.detach_timeout);
     c
 }
 
@@ -201,18 +193,10 @@ fn rsync_options(r: &settings::RsyncSection) -> Options {
     if let Some(p) = &r.rsync {
         o.rsync = p.clone();
     }
-    if let Some(t) = r.transfer_timeout {
-        o.transfer_timeout = t;
-    }
-    if let Some(t) = r.io_timeout {
-        o.io_timeout = t;
-    }
-    if let Some(t) = r.command_timeout {
-        o.command_timeout = t;
-    }
-    if let Some(t) = r.copy_timeout {
-        o.copy_timeout = t;
-    }
+    o.transfer_timeout = r.transfer_timeout.unwrap_or(o.transfer_timeout);
+    o.io_timeout = r.io_timeout.unwrap_or(o.io_timeout);
+    o.command_timeout = r.command_timeout.unwrap_or(o.command_timeout);
+    o.copy_timeout = r.copy_timeout.unwrap_or(o.copy_timeout);
     o.block_size = match &r.block_size {
         None => BlockSize::Auto,
         Some(BlockSizeSetting::Named(n)) if n == "rsync" => BlockSize::Rsync,
@@ -281,7 +265,7 @@ pub(crate) async fn prepare(settings: Settings, agent: &Agent) -> Result<Prepare
                 n.clone(),
                 runner,
                 Reach::Ssh(target),
-                settings::subst(&rs.dir, n),
+                wspare_examples::per_node_path(&rs.dir, n),
             ))
         };
         let directed = Arc::new(
@@ -295,7 +279,7 @@ pub(crate) async fn prepare(settings: Settings, agent: &Agent) -> Result<Prepare
             )
             .map_err(|e| anyhow!("pair {}: replication: {e}", p.name))?,
         );
-        replicators.push((p.name.clone(), directed.clone()));
+        replicators.push(directed.clone());
         let backends = PairBackends {
             spec,
             hypervisors: [
@@ -516,8 +500,8 @@ impl Agent {
             .unwrap_or_else(|e| e.into_inner()) = refused;
     }
 
-    /// Uptime text for status.
+    /// How long the agent has run (for `status`).
     pub(crate) fn uptime(&self) -> Duration {
-        UnixMillis::now().saturating_since(UnixMillis(self.started_ms))
+        UnixMillis::now().saturating_since(self.started)
     }
 }

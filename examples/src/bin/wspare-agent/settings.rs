@@ -21,6 +21,7 @@ use serde::Deserialize;
 use wspare_core::config::{Config, ConfigError, ConfigErrors};
 use wspare_core::driver::Deadlines;
 use wspare_core::{NodeId, PairId, VmName};
+use wspare_examples::per_node_path;
 use wspare_fence::config::DeviceConfig;
 
 /// `[agent]`.
@@ -341,11 +342,6 @@ pub(crate) fn host_of(address: &str) -> &str {
     h.trim_start_matches('[').trim_end_matches(']')
 }
 
-/// Replaces `{node}` in a path.
-pub(crate) fn subst(p: &Path, node: &NodeId) -> PathBuf {
-    PathBuf::from(p.to_string_lossy().replace("{node}", node.as_str()))
-}
-
 fn one(field: String, line: Option<usize>, message: impl Into<String>) -> ConfigError {
     ConfigError {
         field,
@@ -365,7 +361,7 @@ pub(crate) struct Decoded {
 
 /// Decodes the agent's tables of a validated core config. Every error
 /// names its field and line; all of them are collected.
-pub(crate) fn decode(core: Config, path: &Path) -> Result<Decoded, ConfigErrors> {
+pub(crate) fn decode(core: &Config, path: &Path) -> Result<Decoded, ConfigErrors> {
     let mut errors = Vec::new();
     let mut warnings = Vec::new();
     let agent = match &core.agent {
@@ -428,47 +424,45 @@ pub(crate) fn decode(core: Config, path: &Path) -> Result<Decoded, ConfigErrors>
     for n in &core.nodes {
         let name = n.name.get_ref().clone();
         let field = format!("node[{name}]");
+        let line = Some(core.line_at(n.name.span().start));
+        let in_a_pair = in_pairs.contains(&&name);
         let hv = match &n.hypervisor {
-            Some(t) => match core.extension::<HypervisorSection>(&format!("{field}.hypervisor"), t)
-            {
-                Ok(h) => Some(h),
-                Err(e) => {
-                    errors.extend(e.errors);
-                    None
+            Some(t) => {
+                match core.extension::<HypervisorSection>(&format!("{field}.hypervisor"), t) {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        errors.extend(e.errors);
+                        None
+                    }
                 }
-            },
+            }
             None => {
-                if in_pairs.contains(&&name) {
-                    errors.push(one(
-                            format!("{field}.hypervisor"),
-                            Some(core.line_at(n.name.span().start)),
-                            "missing: which hypervisor runs this node's VMs (type = \"libvirt\", uri, peer-uri)",
-                        ));
+                if in_a_pair {
+                    let why = "missing: which hypervisor runs this node's VMs (type = \"libvirt\", uri, peer-uri)";
+                    errors.push(one(format!("{field}.hypervisor"), line, why));
                 }
                 None
             }
         };
         if let Some(HypervisorSection::Libvirt(l)) = &hv {
-            let peer_host = uri_host(&l.peer_uri);
             let hb = host_of(n.address.get_ref());
-            match peer_host {
-                    None => errors.push(one(
-                        format!("{field}.hypervisor.peer-uri"),
-                        Some(core.line_at(n.name.span().start)),
-                        format!(
-                            "{:?} names no host: the peer reaches this node's libvirt over the network (qemu+ssh://root@{hb}/system)",
-                            l.peer_uri
-                        ),
-                    )),
-                    Some(h) if h != hb => warnings.push(format!(
-                        "{field}.hypervisor.peer-uri: host {h} differs from the heartbeat address host {hb}; the peer's second channel should cross the heartbeat network, or in a partition of that network it still sees the VM running and holds the failover"
-                    )),
-                    Some(_) => {}
+            match uri_host(&l.peer_uri) {
+                None => {
+                    let why = format!(
+                        "{:?} names no host: the peer reaches this node's libvirt over the network (qemu+ssh://root@{hb}/system)",
+                        l.peer_uri
+                    );
+                    errors.push(one(format!("{field}.hypervisor.peer-uri"), line, why));
                 }
+                Some(h) if h != hb => warnings.push(format!(
+                    "{field}.hypervisor.peer-uri: host {h} differs from the heartbeat address host {hb}; the peer's second channel should cross the heartbeat network, or in a partition of that network it still sees the VM running and holds the failover"
+                )),
+                Some(_) => {}
+            }
             if let Err(e) = wspare_libvirt::Driver::from_uri(&l.uri) {
                 errors.push(one(
                     format!("{field}.hypervisor.uri"),
-                    Some(core.line_at(n.name.span().start)),
+                    line,
                     e.message().to_string(),
                 ));
             }
@@ -487,12 +481,9 @@ pub(crate) fn decode(core: Config, path: &Path) -> Result<Decoded, ConfigErrors>
                 }
             },
             None => {
-                if in_pairs.contains(&&name) {
-                    errors.push(one(
-                            format!("{field}.fence"),
-                            Some(core.line_at(n.name.span().start)),
-                            "missing: how the peer powers this node off ([node.fence] type = \"ipmi\" | \"redfish\" | \"fence-agent\")",
-                        ));
+                if in_a_pair {
+                    let why = "missing: how the peer powers this node off ([node.fence] type = \"ipmi\" | \"redfish\" | \"fence-agent\")";
+                    errors.push(one(format!("{field}.fence"), line, why));
                 }
                 None
             }
@@ -513,42 +504,44 @@ pub(crate) fn decode(core: Config, path: &Path) -> Result<Decoded, ConfigErrors>
     for p in &core.pairs {
         let name = p.name.get_ref().clone();
         let field = format!("pair[{name}]");
-        match &p.replication {
-                Some(t) => match core.extension::<ReplicationSection>(&format!("{field}.replication"), t) {
-                    Ok(r) => {
-                        let ReplicationSection::Rsync(rs) = &r;
-                        if !rs.dir.to_string_lossy().starts_with('/') {
-                            errors.push(one(
-                                format!("{field}.replication.dir"),
-                                Some(core.line_at(t.span().start)),
-                                format!("{} is not an absolute path", rs.dir.display()),
-                            ));
-                        }
-                        if let Some(BlockSizeSetting::Named(n)) = &rs.block_size {
-                            if n != "auto" && n != "rsync" {
-                                errors.push(one(
-                                    format!("{field}.replication.block-size"),
-                                    Some(core.line_at(t.span().start)),
-                                    format!("{n:?}: expected \"auto\", \"rsync\" or a size in bytes"),
-                                ));
-                            }
-                        }
-                        pairs.push(PairSettings {
-                            name,
-                            vm: p.vm.get_ref().clone(),
-                            primary: p.primary.get_ref().clone(),
-                            spare: p.spare.get_ref().clone(),
-                            replication: r,
-                        });
-                    }
-                    Err(e) => errors.extend(e.errors),
-                },
-                None => errors.push(one(
-                    format!("{field}.replication"),
-                    Some(core.line_at(p.name.span().start)),
-                    "missing: how the VM's disks reach the spare ([pair.replication] type = \"rsync\", dir)",
-                )),
+        let Some(t) = &p.replication else {
+            let why = "missing: how the VM's disks reach the spare ([pair.replication] type = \"rsync\", dir)";
+            let line = Some(core.line_at(p.name.span().start));
+            errors.push(one(format!("{field}.replication"), line, why));
+            continue;
+        };
+        let r = match core.extension::<ReplicationSection>(&format!("{field}.replication"), t) {
+            Ok(r) => r,
+            Err(e) => {
+                errors.extend(e.errors);
+                continue;
             }
+        };
+        let ReplicationSection::Rsync(rs) = &r;
+        let line = Some(core.line_at(t.span().start));
+        if !rs.dir.to_string_lossy().starts_with('/') {
+            errors.push(one(
+                format!("{field}.replication.dir"),
+                line,
+                format!("{} is not an absolute path", rs.dir.display()),
+            ));
+        }
+        if let Some(BlockSizeSetting::Named(n)) = &rs.block_size {
+            if n != "auto" && n != "rsync" {
+                errors.push(one(
+                    format!("{field}.replication.block-size"),
+                    line,
+                    format!("{n:?}: expected \"auto\", \"rsync\" or a size in bytes"),
+                ));
+            }
+        }
+        pairs.push(PairSettings {
+            name,
+            vm: p.vm.get_ref().clone(),
+            primary: p.primary.get_ref().clone(),
+            spare: p.spare.get_ref().clone(),
+            replication: r,
+        });
     }
     if !errors.is_empty() {
         errors.sort_by_key(|e| e.line.unwrap_or(0));
@@ -590,7 +583,7 @@ impl Settings {
                 )],
             });
         }
-        let d = decode(core.clone(), path)?;
+        let d = decode(&core, path)?;
         Ok(Settings {
             core,
             local: local.clone(),
@@ -601,24 +594,19 @@ impl Settings {
         })
     }
 
-    /// Loads, validates and decodes the config file for `local`.
-    pub(crate) fn load(path: &Path, local: &NodeId) -> Result<Settings, ConfigErrors> {
-        Settings::from_core(Config::load(path)?, path, local)
-    }
-
     /// The journal file.
     pub(crate) fn journal(&self) -> PathBuf {
-        subst(&self.core.cluster.journal, &self.local)
+        per_node_path(&self.core.cluster.journal, &self.local)
     }
 
     /// The control socket.
     pub(crate) fn socket(&self) -> PathBuf {
-        subst(&self.agent.control_socket, &self.local)
+        per_node_path(&self.agent.control_socket, &self.local)
     }
 
     /// The state directory.
     pub(crate) fn state_dir(&self) -> PathBuf {
-        subst(&self.agent.state_dir, &self.local)
+        per_node_path(&self.agent.state_dir, &self.local)
     }
 
     /// The pairs the local node belongs to.
@@ -704,7 +692,7 @@ mod tests {
         assert_eq!(uri_host("qemu+unix:///system?socket=/x"), None);
         let n = NodeId::new("node-a").unwrap();
         assert_eq!(
-            subst(Path::new("/var/lib/{node}/j"), &n),
+            per_node_path(Path::new("/var/lib/{node}/j"), &n),
             PathBuf::from("/var/lib/node-a/j")
         );
     }
