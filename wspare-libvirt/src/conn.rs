@@ -143,7 +143,7 @@ impl Conn {
                 Some(h) if h.given_up() => {
                     if slot.stuck >= MAX_STUCK {
                         return Err(self.timeout(format!(
-                            "{} earlier calls have not returned (the daemon or the link to it is down); not sending another",
+                            "{} earlier calls have not returned (the daemon or the link to it is down); not sending another until one does: check libvirtd on that host and the network path to it",
                             slot.stuck + 1
                         )));
                     }

@@ -410,23 +410,29 @@ impl XmlDisk {
     /// backing file. A format this crate does not know reads as raw.
     pub fn backing_image(&self) -> Option<(PathBuf, DiskFormat)> {
         let (path, format) = self.backing.clone()?;
-        let format = match format.as_deref() {
-            Some("qcow2") => DiskFormat::Qcow2,
-            Some("vhdx") => DiskFormat::Vhdx,
-            _ => DiskFormat::Raw,
-        };
-        Some((path, format))
+        let format = format.as_deref().and_then(known_format);
+        Some((path, format.unwrap_or(DiskFormat::Raw)))
+    }
+}
+
+/// The [`DiskFormat`] of libvirt's format name `f`, if `VmSpec` has it.
+fn known_format(f: &str) -> Option<DiskFormat> {
+    match f {
+        "raw" => Some(DiskFormat::Raw),
+        "qcow2" => Some(DiskFormat::Qcow2),
+        "vhdx" => Some(DiskFormat::Vhdx),
+        _ => None,
     }
 }
 
 fn parse_format(disk: roxmltree::Node<'_, '_>, dev: &str) -> Result<DiskFormat, ParseError> {
     match child(disk, "driver").and_then(|d| d.attribute("type")) {
-        None | Some("raw") => Ok(DiskFormat::Raw),
-        Some("qcow2") => Ok(DiskFormat::Qcow2),
-        Some("vhdx") => Ok(DiskFormat::Vhdx),
-        Some(f) => Err(ParseError::unsupported(format!(
-            "disk {dev} has format {f:?}, which VmSpec cannot describe"
-        ))),
+        None => Ok(DiskFormat::Raw),
+        Some(f) => known_format(f).ok_or_else(|| {
+            ParseError::unsupported(format!(
+                "disk {dev} has format {f:?}, which VmSpec cannot describe"
+            ))
+        }),
     }
 }
 

@@ -435,9 +435,12 @@ async fn a_stale_direction_is_refused_and_failback_only_moves_forward() {
         (a.clone(), b.clone())
     };
 
+    assert_eq!(on_disk(&a, &b).await, ("node-a".into(), 0));
+
     // Failover: the spare runs from g2's promoted slot; replication reverses.
     let p = rep.promote(g2.generation).await.unwrap();
     rep.reverse().await.unwrap();
+    assert_eq!(on_disk(&a, &b).await, ("node-b".into(), 1));
     assert_eq!(rep.active_disks().await.unwrap().unwrap(), p.disks);
     write_blocks(&p.disks, 2, 4).unwrap(); // the spare's guest writes
 
@@ -476,7 +479,7 @@ async fn a_stale_direction_is_refused_and_failback_only_moves_forward() {
     assert_eq!(digest_files(&back.disks).unwrap(), d3);
 
     // A fresh replicator with the right direction learns the epoch from the manifests.
-    let fresh = RsyncReplicator::new("web", b, a, common::test_options()).unwrap();
+    let fresh = RsyncReplicator::new("web", b.clone(), a.clone(), common::test_options()).unwrap();
     let st = fresh.status().await.unwrap();
     assert_eq!(st.newest, Some(g3));
     let g4 = fresh.sync(&env.view_of(&p.disks)).await.unwrap();
@@ -484,6 +487,16 @@ async fn a_stale_direction_is_refused_and_failback_only_moves_forward() {
     // The stale one still refuses, now because it is behind.
     let e = stale.sync(&env.view_of(&env.vm_disks)).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert_eq!(on_disk(&a, &b).await, ("node-b".into(), 1));
+}
+
+/// The direction the manifests on disk give, as the agent and
+/// `warm-spare-rsync` read it before they build a replicator.
+async fn on_disk(a: &Endpoint, b: &Endpoint) -> (String, u64) {
+    let (d, unread) =
+        wspare_rsync::read_direction("web", &a.node, a, b, &common::test_options()).await;
+    assert!(unread.is_empty(), "{unread:?}");
+    (d.source.to_string(), d.epoch)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,16 +12,13 @@ use crate::hypervisor::{
     Consistency, FrozenDisk, FrozenDisks, Hypervisor, HypervisorCaps, VmStatus,
 };
 use crate::journal::Journal;
+use crate::machine::model::{cfg, n, vm};
 use crate::machine::{Op, PairConfig, PhaseName, Policy};
 use crate::receipt::{FenceReceipt, PowerState};
 use crate::replicator::{Promoted, ReplicaStatus, Replicator, ReplicatorCaps, SourceView};
 use crate::spec::{Boot, DiskFormat, DiskSpec, VmSpec};
 use crate::time::UnixMillis;
 use crate::Result;
-
-fn n(s: &str) -> NodeId {
-    NodeId::new(s).unwrap()
-}
 
 #[derive(Default)]
 struct World {
@@ -302,7 +299,7 @@ impl Fencer for Fen {
 
 fn spec() -> VmSpec {
     VmSpec {
-        name: VmName::new("web").unwrap(),
+        name: vm(),
         vcpus: 1,
         memory_mib: 64,
         firmware: Default::default(),
@@ -318,16 +315,7 @@ fn setup(local: &str, w: &Arc<World>) -> (Vec<PairConfig>, BTreeMap<PairId, Arc<
         monitor_interval: Duration::from_secs(5),
         ..Policy::default()
     };
-    let cfg = PairConfig {
-        pair: PairId::new("web").unwrap(),
-        vm: VmName::new("web").unwrap(),
-        primary: n("a"),
-        spare: n("b"),
-        local: n(local),
-        witness: false,
-        peer_fence_delay: Duration::ZERO,
-        policy,
-    };
+    let cfg = cfg(local, policy);
     let mut hvs: BTreeMap<NodeId, Arc<dyn Hypervisor>> = BTreeMap::new();
     for node in ["a", "b"] {
         hvs.insert(

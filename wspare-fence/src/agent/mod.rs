@@ -245,30 +245,27 @@ impl FenceAgentFencer {
             asked: self.asked(action, plug),
             reply,
         };
-        let out = match self.runner.run(&cmd).await {
-            Ok(out) => out,
-            Err(e) => {
-                return Err(tool_failure(
-                    e,
-                    exchange,
-                    |stdout, stderr| {
-                        let summary = parse::summary(stderr);
-                        match parse::cause(&format!("{stdout}\n{stderr}")) {
-                            Some(cause) => format!("{summary} ({cause})"),
-                            None => summary,
-                        }
-                    },
-                    |stdout, stderr| match parse::classify(&format!("{stdout}\n{stderr}")) {
-                        parse::Failure::Credentials => FenceError::CredentialsRefused,
-                        parse::Failure::Usage => FenceError::Misconfigured,
-                        parse::Failure::Unreachable => FenceError::Unreachable,
-                        parse::Failure::NoAnswer => FenceError::NoAnswer,
-                        parse::Failure::AnswerLost => FenceError::AnswerLost,
-                        parse::Failure::NotChanged | parse::Failure::Other => FenceError::Refused,
-                    },
-                ))
-            }
-        };
+        let out = self.runner.run(&cmd).await.map_err(|e| {
+            tool_failure(
+                e,
+                exchange,
+                |stdout, stderr| {
+                    let summary = parse::summary(stderr);
+                    match parse::cause(&format!("{stdout}\n{stderr}")) {
+                        Some(cause) => format!("{summary} ({cause})"),
+                        None => summary,
+                    }
+                },
+                |stdout, stderr| match parse::classify(&format!("{stdout}\n{stderr}")) {
+                    parse::Failure::Credentials => FenceError::CredentialsRefused,
+                    parse::Failure::Usage => FenceError::Misconfigured,
+                    parse::Failure::Unreachable => FenceError::Unreachable,
+                    parse::Failure::NoAnswer => FenceError::NoAnswer,
+                    parse::Failure::AnswerLost => FenceError::AnswerLost,
+                    parse::Failure::NotChanged | parse::Failure::Other => FenceError::Refused,
+                },
+            )
+        })?;
         read(&out).map_err(|why| FenceError::BadReply(exchange(why)))
     }
 

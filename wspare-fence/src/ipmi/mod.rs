@@ -256,24 +256,21 @@ impl IpmiFencer {
             asked: cmd.to_string(),
             reply,
         };
-        let out = match self.runner.run(&cmd).await {
-            Ok(out) => out,
-            Err(e) => {
-                return Err(tool_failure(
-                    e,
-                    exchange,
-                    |_, stderr| parse::meaningful(stderr),
-                    |_, stderr| match parse::classify(stderr) {
-                        parse::Failure::Credentials => FenceError::CredentialsRefused,
-                        parse::Failure::Cipher => FenceError::Misconfigured,
-                        parse::Failure::Unreachable => FenceError::Unreachable,
-                        parse::Failure::NoAnswer => FenceError::NoAnswer,
-                        parse::Failure::AnswerLost => FenceError::AnswerLost,
-                        parse::Failure::Other => FenceError::Refused,
-                    },
-                ))
-            }
-        };
+        let out = self.runner.run(&cmd).await.map_err(|e| {
+            tool_failure(
+                e,
+                exchange,
+                |_, stderr| parse::meaningful(stderr),
+                |_, stderr| match parse::classify(stderr) {
+                    parse::Failure::Credentials => FenceError::CredentialsRefused,
+                    parse::Failure::Cipher => FenceError::Misconfigured,
+                    parse::Failure::Unreachable => FenceError::Unreachable,
+                    parse::Failure::NoAnswer => FenceError::NoAnswer,
+                    parse::Failure::AnswerLost => FenceError::AnswerLost,
+                    parse::Failure::Other => FenceError::Refused,
+                },
+            )
+        })?;
         read(&out.stdout).map_err(|why| FenceError::BadReply(exchange(why)))
     }
 
